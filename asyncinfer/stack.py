@@ -1,0 +1,104 @@
+"""`asyncinfer up`: the whole system on this machine, stopped cleanly by Ctrl-C.
+
+Redis (a private server unless ASYNCINFER_REDIS_URL is set), the gateway, the batcher, the
+autoscaler (which starts the workers) and Flower, each a child process in its own session that
+dies with this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from shared.procs import spawn, terminate, wait_port
+from shared.redisserver import RedisServer
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    state_dir: Path
+    with_flower: bool = True
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    redis: RedisServer | None = None
+
+    def start(self) -> None:
+        if "ASYNCINFER_REDIS_URL" not in os.environ:
+            self.redis = RedisServer(self.state_dir / "redis").start()
+            self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
+        env = {"ASYNCINFER_REDIS_URL": self.settings.redis_url,
+               "ASYNCINFER_LOG_DIR": str(self.state_dir / "logs")}
+        logs = self.state_dir / "logs"
+        self.procs["gateway"] = spawn(["-m", "gateway"], env, logs / "gateway.log")
+        self.procs["batcher"] = spawn(["-m", "batcher"], env, logs / "batcher.log")
+        self.procs["autoscaler"] = spawn(["-m", "workers.autoscaler"], env,
+                                         logs / "autoscaler.log")
+        if self.with_flower:
+            s = self.settings
+            self.procs["flower"] = spawn([
+                sys.executable, "-m", "celery", f"--broker={s.redis_url}", "flower",
+                f"--port={s.flower_port}", "--address=127.0.0.1",
+                f"--basic_auth={s.flower_user}:{s.flower_password}", "--purge_offline_workers=60",
+            ], env, logs / "flower.log")
+        if not wait_port(self.settings.gateway_host, self.settings.gateway_port, 60):
+            raise RuntimeError(f"gateway did not start; see {logs / 'gateway.log'}")
+
+    def urls(self) -> dict[str, str]:
+        s = self.settings
+        out = {"gateway": f"http://{s.gateway_host}:{s.gateway_port}",
+               "redis": s.redis_url, "logs": str(self.state_dir / "logs")}
+        if self.with_flower:
+            out["flower"] = f"http://127.0.0.1:{s.flower_port} ({s.flower_user}/***)"
+        return out
+
+    def crashed(self) -> list[str]:
+        return [name for name, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self) -> None:
+        # Workers drain through the autoscaler; it and the batcher go first, the gateway last.
+        for name in ("autoscaler", "batcher", "flower", "gateway"):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                terminate(proc, grace_s=30 if name == "autoscaler" else 10)
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def up(settings: Settings, state_dir: Path, with_flower: bool = True) -> int:
+    """Run the stack in the foreground until SIGINT/SIGTERM; returns an exit code."""
+    stack = Stack(settings, state_dir, with_flower)
+    stopping = False
+
+    def _stop(signum: int, _: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start()
+        print("asyncinfer is up:", flush=True)
+        for name, url in stack.urls().items():
+            print(f"  {name:<8} {url}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while not stopping:
+            dead = stack.crashed()
+            if dead:
+                print(f"stopping: {', '.join(dead)} exited; see {state_dir / 'logs'}",
+                      file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        stack.stop()
+        print("asyncinfer stopped.", flush=True)

@@ -1,0 +1,324 @@
+"""The CORK batching policy: when to release a batch, and which requests to fail under overload.
+
+Rules, in the order `decide` applies them:
+
+1. Requests whose `expires_s` has passed are returned as `Shed(reason="expired")`.
+2. With `on_overload="shed"` (once the latency model is calibrated), every queued request whose
+   estimated completion is past its budget is returned as `Shed(reason="overloaded")`. The
+   estimate plans the whole queue onto the worker slots in dispatch order: free slots start now,
+   busy ones when their in-flight batch is predicted to end.
+3. No free slot: wait for an event (or for the time a shed or expiry falls due).
+4. Start-up probes: the first batches are capped at 1, 1 (warm-up), 1, 2, 3 rows so the fit of
+   `a·rows + b` sees different sizes. Probes never hold requests back.
+5. Release at once when the queue holds `max_batch_size` rows, or when waiting any longer would
+   push the oldest request of the batch past `max_latency_ms` (counting the predicted duration of
+   the batch with one more arrival in it).
+6. Otherwise wait only while it is expected to pay (see `_waiting_pays`), and say exactly when
+   the answer will change: `Wait(until_s)` is the earliest of the latency deadline, the time the
+   gain turns negative, and the next shed or expiry.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from batcher.latency import ArrivalRate, LatencyModel
+from batcher.policy import (
+    Clock,
+    Decision,
+    Pending,
+    PendingQueue,
+    PolicyConfig,
+    PolicySnapshot,
+    Release,
+    Shed,
+    Wait,
+    take_batch,
+)
+
+log = logging.getLogger(__name__)
+
+PROBE_ROWS: tuple[int, ...] = (1, 2, 3)
+# A wake-up is never scheduled at the current instant: the decision at that instant was just made.
+_MIN_STEP_S = 1e-6
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    dispatched_s: float
+    rows: int
+
+
+class CorkPolicy:
+    """Adaptive batching for one model; implements `batcher.policy.BatchingPolicy`."""
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        clock: Clock,
+        id_factory: Callable[[], str] | None = None,
+        *,
+        refit_interval_s: float = 2.0,
+        warmup_batches: int = 2,
+        probe_rows: Iterable[int] = PROBE_ROWS,
+        arrival_smoothing: float = 0.125,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._budget_s = config.max_latency_ms / 1000.0
+        self._max_rows = max(1, config.max_batch_size)
+        self._queue = PendingQueue(config.aging_ms / 1000.0)
+        # Before any data: guess that a full batch takes half the budget, an eighth of it fixed.
+        guess_b = self._budget_s / 8
+        self._model = LatencyModel(
+            clock,
+            initial_a_s=(self._budget_s / 2 - guess_b) / self._max_rows,
+            initial_b_s=guess_b,
+            warmup=warmup_batches,
+            refit_interval_s=refit_interval_s,
+        )
+        self._arrivals = ArrivalRate(arrival_smoothing)
+        counter = itertools.count(1)
+        self._new_id = id_factory or (lambda: f"batch-{next(counter)}")
+        self._in_flight: dict[str, _InFlight] = {}
+        self._probe_plan = (1,) * warmup_batches + tuple(max(1, n) for n in probe_rows)
+        self._probes_released = 0
+        self._calibrated = False
+        self._waits_ms: deque[float] = deque(maxlen=50)
+        self._warned = False
+        self._counts = {"released": 0, "overloaded": 0, "expired": 0, "rows": 0}
+        # (free slots, valid until): a plan that shed nothing stays true until an event or then.
+        self._plan_cache: tuple[int, float] | None = None
+
+    # --- events -------------------------------------------------------------------------------
+
+    def add(self, item: Pending) -> None:
+        """A request arrived."""
+        if self._queue.push(item):
+            self._arrivals.observe(self._clock(), item.rows)
+            self._plan_cache = None
+
+    def remove(self, entry_ids: Iterable[str]) -> list[Pending]:
+        """Drop queued requests (canceled or expired); returns those that were queued."""
+        self._plan_cache = None
+        return self._queue.remove(entry_ids)
+
+    def on_complete(self, batch_id: str, rows: int, duration_s: float) -> None:
+        """A released batch finished; feeds the latency model."""
+        self._in_flight.pop(batch_id, None)
+        self._plan_cache = None
+        self._model.observe(rows, duration_s)
+        if self._model.identifiable:
+            self._calibrated = True
+        if self._model.fitted and self._over_budget() and not self._warned:
+            self._warned = True
+            log.warning("%s", self._warning_text())
+
+    def forget(self, batch_id: str) -> None:
+        """A released batch will never report; stop counting it in flight."""
+        self._in_flight.pop(batch_id, None)
+        self._plan_cache = None
+
+    # --- the decision ---------------------------------------------------------------------------
+
+    def decide(self, free_slots: int) -> Decision:
+        """What to do now; see the module docstring for the rules."""
+        now = self._clock()
+        expired = self._queue.pop_expired(now)
+        if expired:
+            self._counts["expired"] += len(expired)
+            self._plan_cache = None
+            return Shed(tuple(expired), "expired")
+        if not self._queue:
+            return Wait(None)
+        shed_at: float | None = None
+        if self._config.on_overload == "shed" and self._can_shed(free_slots):
+            late, shed_at = self._plan(now, free_slots)
+            if late:
+                self._queue.remove(e.entry_id for e in late)
+                self._counts["overloaded"] += len(late)
+                self._plan_cache = None
+                return Shed(tuple(late), "overloaded")
+        wake = _earliest(shed_at, self._queue.next_expiry())
+        if free_slots <= 0:
+            return self._wait(now, wake)
+        probing = not self._calibrated and self._probes_released < len(self._probe_plan)
+        cap = self._probe_plan[self._probes_released] if probing else self._max_rows
+        batch = take_batch(self._queue.ordered(now), cap)
+        if probing:
+            return self._release(now, batch, "probe")
+        rows = sum(e.rows for e in batch)
+        if self._queue.rows >= self._max_rows or rows >= self._max_rows:
+            return self._release(now, batch, "full")
+        deadline = self._release_deadline(batch, rows)
+        if now >= deadline:
+            return self._release(now, batch, "deadline")
+        if not self._waiting_pays(now, free_slots, len(batch), rows):
+            return self._release(now, batch, "no_gain")
+        flip = self._gain_ends(now, deadline, free_slots, len(batch), rows)
+        return self._wait(now, _earliest(_earliest(wake, deadline), flip))
+
+    def _release(self, now: float, batch: list[Pending], reason: str) -> Release:
+        batch_id = self._new_id()
+        self._queue.remove(e.entry_id for e in batch)
+        rows = sum(e.rows for e in batch)
+        self._in_flight[batch_id] = _InFlight(now, rows)
+        self._waits_ms.append(1000.0 * sum(now - e.arrived_s for e in batch) / len(batch))
+        self._counts["released"] += 1
+        self._counts["rows"] += rows
+        if reason == "probe":
+            self._probes_released += 1
+        self._plan_cache = None
+        return Release(batch_id, tuple(batch), reason)
+
+    def _wait(self, now: float, until: float | None) -> Wait:
+        return Wait(None if until is None else max(until, now + _MIN_STEP_S))
+
+    def _release_deadline(self, batch: list[Pending], rows: int) -> float:
+        oldest = min(e.arrived_s for e in batch)
+        extra = math.ceil(self._arrivals.rows_per_arrival)
+        return oldest + self._budget_s - self._model.predict(min(self._max_rows, rows + extra))
+
+    def _waiting_pays(self, now: float, free_slots: int, entries: int, rows: int) -> bool:
+        """One-step look-ahead: release now, or wait for the next arrival and release both?
+
+        Waiting costs every queued request the expected gap G plus one more arrival's rows of
+        compute. Releasing now costs the next arrival the wait for a slot: with this the last
+        free slot, that is until the batch released now (a·rows + b) or an in-flight batch ends,
+        whichever is first. For Poisson arrivals that expected slot wait is s − G·(1 − e^(−s/G)).
+        With two or more free slots the next arrival finds one, so waiting never pays, and at
+        light load G is large, so a lone request is released at once.
+        """
+        if free_slots >= 2:
+            return False
+        gap = self._arrivals.mean_gap_s(now)
+        if math.isinf(gap):
+            return False
+        a, b = self._model.a_s, self._model.b_s
+        per_arrival = self._arrivals.rows_per_arrival
+        slot_wait = a * rows + b
+        ends = [f.dispatched_s + self._model.predict(f.rows) for f in self._in_flight.values()]
+        if ends:
+            slot_wait = min(slot_wait, max(0.0, min(ends) - now))
+        expected_slot_wait = slot_wait
+        if gap > 0:
+            expected_slot_wait += gap * math.expm1(-slot_wait / gap)
+        cost_of_waiting = entries * (gap + a * per_arrival) + a * rows
+        return cost_of_waiting < expected_slot_wait
+
+    def _gain_ends(self, now: float, deadline: float, free: int, entries: int, rows: int) -> float:
+        """The first time (before `deadline`) at which waiting stops paying, with no new event.
+
+        The gain only shrinks as time passes (the gap in progress lengthens the expected gap and
+        in-flight batches draw nearer their end), so a bisection finds the crossing."""
+        if self._waiting_pays(deadline, free, entries, rows):
+            return deadline
+        low, high = now, deadline
+        while high - low > 1e-5:
+            mid = (low + high) / 2
+            if self._waiting_pays(mid, free, entries, rows):
+                low = mid
+            else:
+                high = mid
+        return high
+
+    # --- overload ------------------------------------------------------------------------------
+
+    def _can_shed(self, free_slots: int) -> bool:
+        # With an uncalibrated model an estimate could fail requests that would make it; with no
+        # slot at all (scaled to zero) there is nothing to estimate against.
+        return self._calibrated and max(0, free_slots) + len(self._in_flight) > 0
+
+    def _plan(self, now: float, free_slots: int) -> tuple[list[Pending], float | None]:
+        """Requests that cannot make their budget, and when the next one will stop making it.
+
+        Each slot carries (free time, base) where base is when its chain of planned batches
+        starts; a planned batch ending at C misses a deadline D exactly once the clock passes
+        D − (C − base), because until then nothing in the chain moves."""
+        cache = self._plan_cache
+        if cache is not None and cache[0] == free_slots and now < cache[1]:
+            return [], None if math.isinf(cache[1]) else cache[1]
+        order = list(self._queue.ordered(now))
+        slots = [(now, now)] * min(max(0, free_slots), len(order))
+        for f in self._in_flight.values():
+            end = max(now, f.dispatched_s + self._model.predict(f.rows))
+            slots.append((end, end))
+        heapq.heapify(slots)
+        late: list[Pending] = []
+        next_miss = math.inf
+        while order:
+            start, base = heapq.heappop(slots)
+            while True:
+                batch = take_batch(order, self._max_rows)
+                done = start + self._model.predict(sum(e.rows for e in batch))
+                missed = [e for e in batch if done > e.arrived_s + self._budget_s]
+                if not missed:
+                    break
+                late.extend(missed)
+                order = [e for e in order if e not in missed]
+                if not order:
+                    break
+            if not order:
+                break
+            for e in batch:
+                next_miss = min(next_miss, e.arrived_s + self._budget_s - (done - base))
+            order = order[len(batch) :]
+            heapq.heappush(slots, (done, base))
+        if not late:
+            self._plan_cache = (free_slots, next_miss)
+        return late, None if math.isinf(next_miss) else next_miss
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def _over_budget(self) -> bool:
+        return self._model.a_s + self._model.b_s >= self._budget_s
+
+    def _warning_text(self) -> str:
+        return (
+            f"one-row batches take {1000 * (self._model.a_s + self._model.b_s):.1f} ms "
+            f"(a={1000 * self._model.a_s:.2f} ms/row, b={1000 * self._model.b_s:.2f} ms), "
+            f"at or above max_latency_ms={self._config.max_latency_ms:g}: requests will miss it"
+        )
+
+    @property
+    def queue_rows(self) -> int:
+        """Rows waiting in the policy."""
+        return self._queue.rows
+
+    def snapshot(self) -> PolicySnapshot:
+        """Fitted a, b (None before any data), mean wait of the last 50 batches, occupancy."""
+        fitted = self._model.fitted
+        released = self._counts["released"]
+        return PolicySnapshot(
+            a_s=self._model.a_s if fitted else None,
+            b_s=self._model.b_s if fitted else None,
+            avg_wait_ms=sum(self._waits_ms) / len(self._waits_ms) if self._waits_ms else 0.0,
+            in_flight=len(self._in_flight),
+            queue_rows=self._queue.rows,
+            queue_entries=len(self._queue),
+            warning=self._warning_text() if fitted and self._over_budget() else None,
+            fitted_batches=self._model.samples,
+            extra={
+                "arrival_rate_hz": self._arrivals.rate_hz(self._clock()),
+                "calibrated": float(self._calibrated),
+                "identifiable": float(self._model.identifiable),
+                "batches_released": float(released),
+                "mean_batch_rows": self._counts["rows"] / released if released else 0.0,
+                "shed_overloaded": float(self._counts["overloaded"]),
+                "shed_expired": float(self._counts["expired"]),
+            },
+        )
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

@@ -1,0 +1,199 @@
+"""What the CORK policy learns about time: how long a batch takes, and how fast requests arrive.
+
+`LatencyModel` fits `duration = a·rows + b` by least squares over the most recent completed
+batches. `ArrivalRate` keeps a smoothed inter-arrival gap. Both are pure: time only comes in as
+arguments or through the injected clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from batcher.policy import Clock
+
+# Below this spread of batch sizes (sum of squared deviations, in rows²) the window cannot pin
+# down a slope: e.g. 49 batches of 32 rows and one of 31 give 0.98.
+MIN_ROW_SPREAD = 1.0
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One fitted line; `identifiable` is False when it came from a degenerate window."""
+
+    a_s: float
+    b_s: float
+    identifiable: bool
+
+
+class LatencyModel:
+    """Least-squares fit of batch duration against batch ROWS (not requests).
+
+    - The first `warmup` completions ever seen are discarded (compilation, cold caches).
+    - Only the latest `window` samples count.
+    - Refits are lazy (on `observe`) and at most every `refit_interval_s` on the clock, with one
+      exception: the first time the window becomes identifiable it refits at once, so the
+      start-up probes take effect without waiting out the interval.
+    - Constrained fit: if the free slope is <= 0 it is fixed at `min_a_s` and `b` refit; if the
+      free intercept is < 0, `b` is 0 and the slope is refit through the origin.
+    - Degenerate window (all batches about the same size): a line cannot be fitted. If an
+      identifiable fit existed, its shape (the a:b ratio) is kept and rescaled so it predicts
+      the window's mean duration at the window's mean size; otherwise the whole cost is charged
+      per row (`a = mean duration / mean rows`, `b = 0`). The second choice never makes waiting
+      for more rows look profitable, which is the safe error before anything is known.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        initial_a_s: float,
+        initial_b_s: float,
+        window: int = 50,
+        warmup: int = 2,
+        refit_interval_s: float = 2.0,
+        min_a_s: float = 1e-6,
+    ) -> None:
+        self._clock = clock
+        self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._warmup = warmup
+        self._interval_s = refit_interval_s
+        self._min_a_s = min_a_s
+        self._seen = 0
+        self._last_refit_s: float | None = None
+        self._fit = Fit(max(min_a_s, initial_a_s), max(0.0, initial_b_s), identifiable=False)
+        self._ever_identifiable = False
+        self._shape: Fit | None = None
+
+    @property
+    def a_s(self) -> float:
+        return self._fit.a_s
+
+    @property
+    def b_s(self) -> float:
+        return self._fit.b_s
+
+    @property
+    def identifiable(self) -> bool:
+        """Whether the current a, b come from a window with enough spread of batch sizes."""
+        return self._fit.identifiable
+
+    @property
+    def fitted(self) -> bool:
+        """Whether a, b come from data at all (False: still the initial guess)."""
+        return self._last_refit_s is not None
+
+    @property
+    def samples(self) -> int:
+        return len(self._samples)
+
+    @property
+    def seen(self) -> int:
+        return self._seen
+
+    def predict(self, rows: int) -> float:
+        """Expected duration in seconds of a batch of `rows` rows."""
+        return self._fit.a_s * max(0, rows) + self._fit.b_s
+
+    def observe(self, rows: int, duration_s: float) -> None:
+        """Record one completed batch; refit if due."""
+        if rows <= 0 or not math.isfinite(duration_s) or duration_s < 0:
+            return
+        self._seen += 1
+        if self._seen <= self._warmup:
+            return
+        self._samples.append((rows, duration_s))
+        now = self._clock()
+        due = self._last_refit_s is None or now - self._last_refit_s >= self._interval_s
+        if due or (not self._ever_identifiable and _spread(self._samples) >= MIN_ROW_SPREAD):
+            self.refit()
+
+    def refit(self) -> None:
+        """Refit now from the current window, regardless of the rate limit."""
+        if not self._samples:
+            return
+        self._last_refit_s = self._clock()
+        if _spread(self._samples) >= MIN_ROW_SPREAD:
+            self._fit = self._least_squares()
+            self._ever_identifiable = True
+            self._shape = self._fit
+        else:
+            self._fit = self._degenerate()
+
+    def _least_squares(self) -> Fit:
+        count = len(self._samples)
+        mean_n = sum(n for n, _ in self._samples) / count
+        mean_d = sum(d for _, d in self._samples) / count
+        sxx = sum((n - mean_n) ** 2 for n, _ in self._samples)
+        sxy = sum((n - mean_n) * (d - mean_d) for n, d in self._samples)
+        a = sxy / sxx
+        b = mean_d - a * mean_n
+        if a <= self._min_a_s:
+            a = self._min_a_s
+            b = max(0.0, mean_d - a * mean_n)
+        elif b < 0:
+            b = 0.0
+            snn = sum(n * n for n, _ in self._samples)
+            a = max(self._min_a_s, sum(n * d for n, d in self._samples) / snn)
+        return Fit(a, b, identifiable=True)
+
+    def _degenerate(self) -> Fit:
+        count = len(self._samples)
+        mean_n = sum(n for n, _ in self._samples) / count
+        mean_d = sum(d for _, d in self._samples) / count
+        shape = self._shape
+        if shape is not None:
+            scale = mean_d / (shape.a_s * mean_n + shape.b_s)
+            return Fit(max(self._min_a_s, shape.a_s * scale), shape.b_s * scale, False)
+        return Fit(max(self._min_a_s, mean_d / mean_n), 0.0, identifiable=False)
+
+
+def _spread(samples: deque[tuple[int, float]]) -> float:
+    if len(samples) < 2:
+        return 0.0
+    mean_n = sum(n for n, _ in samples) / len(samples)
+    return sum((n - mean_n) ** 2 for n, _ in samples)
+
+
+class ArrivalRate:
+    """Exponentially weighted mean of the gaps between arrivals, and of rows per arrival.
+
+    The gap in progress is a lower bound on the current gap: when it already lasts longer than
+    the mean, the rate has likely dropped, and `mean_gap_s` says so instead of waiting for the
+    next arrival to correct the average.
+    """
+
+    def __init__(self, smoothing: float = 0.125) -> None:
+        self._alpha = smoothing
+        self._last_s: float | None = None
+        self._gap_s: float | None = None
+        self._rows = 1.0
+
+    @property
+    def last_arrival_s(self) -> float | None:
+        return self._last_s
+
+    @property
+    def rows_per_arrival(self) -> float:
+        return self._rows
+
+    def observe(self, now: float, rows: int) -> None:
+        """One request of `rows` rows arrived at `now`."""
+        self._rows += self._alpha * (max(1, rows) - self._rows)
+        if self._last_s is not None:
+            gap = max(0.0, now - self._last_s)
+            self._gap_s = gap if self._gap_s is None else self._gap_s + self._alpha * (
+                gap - self._gap_s
+            )
+        self._last_s = now if self._last_s is None else max(self._last_s, now)
+
+    def mean_gap_s(self, now: float) -> float:
+        """Expected time between arrivals as of `now`; infinite before two arrivals."""
+        if self._gap_s is None or self._last_s is None:
+            return math.inf
+        return max(self._gap_s, now - self._last_s)
+
+    def rate_hz(self, now: float) -> float:
+        gap = self.mean_gap_s(now)
+        return 0.0 if math.isinf(gap) else (math.inf if gap == 0 else 1.0 / gap)

@@ -1,0 +1,265 @@
+"""Discrete-event simulator: replay an arrival trace against a batching policy and k workers.
+
+The policy is driven only through the `BatchingPolicy` protocol, on a simulated clock; a batch of
+n rows occupies one worker slot for `a·n + b` seconds (times an optional random factor). Same
+seed, same result. Run `python -m batcher.simulate --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from batcher.baselines import FixedWindow, NoBatching, ReferenceCork
+from batcher.cork import CorkPolicy
+from batcher.policy import BatchingPolicy, Clock, Pending, PolicyConfig, Priority, Release, Shed
+
+PolicyFactory = Callable[[PolicyConfig, Clock, int], BatchingPolicy]
+
+POLICIES: dict[str, PolicyFactory] = {
+    "cork": lambda cfg, clock, slots: CorkPolicy(cfg, clock),
+    "reference": lambda cfg, clock, slots: ReferenceCork(cfg, clock, workers=slots),
+    "fixed": lambda cfg, clock, slots: FixedWindow(cfg, clock, window_ms=10.0),
+    "none": lambda cfg, clock, slots: NoBatching(cfg, clock),
+}
+
+
+class SimulationError(RuntimeError):
+    """The policy broke the protocol (released with no free slot, or never waits)."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    t_s: float
+    rows: int = 1
+    priority: Priority = "normal"
+    ttl_s: float | None = None
+
+
+def make_trace(
+    kind: str,
+    rate_hz: float,
+    duration_s: float,
+    seed: int,
+    *,
+    burst_size: int = 16,
+    period_s: float = 2.0,
+    duty: float = 0.5,
+    priorities: tuple[float, float, float] = (0.0, 1.0, 0.0),
+) -> list[Arrival]:
+    """Arrivals averaging `rate_hz` over `duration_s`.
+
+    poisson: exponential gaps. bursts: `burst_size` requests at one instant, bursts Poisson.
+    onoff: a square wave, Poisson at rate/duty during the first `duty` of each period, silent
+    otherwise. `priorities` weighs high/normal/low."""
+    rng = random.Random(seed)
+    levels: tuple[Priority, ...] = ("high", "normal", "low")
+    times: list[float] = []
+    if kind == "poisson":
+        t = rng.expovariate(rate_hz)
+        while t < duration_s:
+            times.append(t)
+            t += rng.expovariate(rate_hz)
+    elif kind == "bursts":
+        t = rng.expovariate(rate_hz / burst_size)
+        while t < duration_s:
+            times.extend([t] * burst_size)
+            t += rng.expovariate(rate_hz / burst_size)
+    elif kind == "onoff":
+        t = rng.expovariate(rate_hz / duty)
+        while t < duration_s:
+            if (t % period_s) < duty * period_s:
+                times.append(t)
+            t += rng.expovariate(rate_hz / duty)
+    else:
+        raise ValueError(f"unknown trace kind {kind!r}")
+    return [Arrival(t, 1, rng.choices(levels, priorities)[0]) for t in times]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Batch duration `a·rows + b` seconds, times a log-normal factor of relative spread `noise`."""
+
+    a_s: float
+    b_s: float
+    noise: float = 0.0
+
+    def duration(self, rows: int, rng: random.Random) -> float:
+        base = self.a_s * rows + self.b_s
+        if self.noise <= 0:
+            return base
+        return base * math.exp(rng.gauss(-self.noise**2 / 2, self.noise))
+
+    def capacity_rps(self, max_batch_size: int, slots: int) -> float:
+        """Rows per second with every slot busy on full batches."""
+        return slots * max_batch_size / (self.a_s * max_batch_size + self.b_s)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What one run measured. Latency is arrival to completion; shares are of all requests."""
+
+    requests: int
+    completed: int
+    throughput_rps: float
+    mean_batch_rows: float
+    p50_ms: float
+    p99_ms: float
+    late_share: float
+    shed_share: float
+    expired_share: float
+    decide_calls: int
+    makespan_s: float
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(
+    factory: PolicyFactory,
+    arrivals: Sequence[Arrival],
+    cost: CostModel,
+    config: PolicyConfig,
+    slots: int,
+    seed: int = 0,
+) -> SimResult:
+    """Run the trace until every request completed, was shed or expired, and measure it."""
+    rng = random.Random(seed)
+    clock = _Clock()
+    policy = factory(config, clock, slots)
+    finish_at: dict[str, float] = {}
+    dropped: dict[str, str] = {}
+    # Completions (finish time, seq, batch id, dispatch time); at equal times a completion is
+    # handled before an arrival, so the arrival already sees the freed slot.
+    running: list[tuple[float, int, Release, float]] = []
+    free, calls, batches, rows_out, index, stalled = slots, 0, 0, 0, 0, 0
+    wake: float | None = None
+    while True:
+        t_arrival = arrivals[index].t_s if index < len(arrivals) else math.inf
+        t_done = running[0][0] if running else math.inf
+        now = min(t_arrival, t_done, math.inf if wake is None else wake)
+        if math.isinf(now):
+            break
+        stalled = stalled + 1 if now <= clock.now else 0
+        if stalled > 10_000:
+            raise SimulationError(f"no progress at t={clock.now:.6f}")
+        clock.now = max(clock.now, now)
+        if t_done == now:
+            _, _, done, dispatched = heapq.heappop(running)
+            free += 1
+            policy.on_complete(done.batch_id, done.rows, clock.now - dispatched)
+        elif t_arrival == now:
+            arr = arrivals[index]
+            expires = None if arr.ttl_s is None else arr.t_s + arr.ttl_s
+            key = f"r{index}"
+            policy.add(Pending(key, key, arr.rows, arr.priority, arr.t_s, expires))
+            index += 1
+        else:
+            wake = None
+        while True:  # the protocol: keep deciding while the policy releases or sheds
+            decision = policy.decide(free)
+            calls += 1
+            if isinstance(decision, Release):
+                if free <= 0:
+                    raise SimulationError(f"release with no free slot at t={clock.now:.6f}")
+                free, batches, rows_out = free - 1, batches + 1, rows_out + decision.rows
+                finish = clock.now + cost.duration(decision.rows, rng)
+                for e in decision.entries:
+                    finish_at[e.entry_id] = finish
+                heapq.heappush(running, (finish, batches, decision, clock.now))
+            elif isinstance(decision, Shed):
+                for e in decision.entries:
+                    dropped[e.entry_id] = decision.reason
+            else:
+                wake = decision.until_s
+                break
+    if policy.queue_rows:
+        raise SimulationError(f"{policy.queue_rows} rows left queued with nothing to wake them")
+    return _measure(arrivals, config, finish_at, dropped, calls, batches, rows_out)
+
+
+def _measure(
+    arrivals: Sequence[Arrival],
+    config: PolicyConfig,
+    finish_at: dict[str, float],
+    dropped: dict[str, str],
+    calls: int,
+    batches: int,
+    rows_out: int,
+) -> SimResult:
+    total = max(1, len(arrivals))
+    latencies = sorted(
+        finish_at[f"r{i}"] - a.t_s for i, a in enumerate(arrivals) if f"r{i}" in finish_at
+    )
+    makespan = max([a.t_s for a in arrivals[-1:]] + list(finish_at.values()) + [1e-9])
+    budget_s = config.max_latency_ms / 1000.0
+    reasons = list(dropped.values())
+    return SimResult(
+        requests=len(arrivals),
+        completed=len(latencies),
+        throughput_rps=len(latencies) / makespan,
+        mean_batch_rows=rows_out / batches if batches else 0.0,
+        p50_ms=1000.0 * _quantile(latencies, 0.50),
+        p99_ms=1000.0 * _quantile(latencies, 0.99),
+        late_share=sum(1 for x in latencies if x > budget_s) / total,
+        shed_share=reasons.count("overloaded") / total,
+        expired_share=reasons.count("expired") / total,
+        decide_calls=calls,
+        makespan_s=makespan,
+    )
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks; 0 for no data."""
+    if not ordered:
+        return 0.0
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: one simulated run, printed as text or JSON."""
+    p = argparse.ArgumentParser(prog="python -m batcher.simulate", description=__doc__)
+    p.add_argument("--policy", choices=sorted(POLICIES), default="cork")
+    p.add_argument("--trace", choices=("poisson", "bursts", "onoff"), default="poisson")
+    p.add_argument("--load", type=float, default=0.5, help="arrival rate / capacity")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the trace")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--a-ms", type=float, default=2.0, help="per-row cost")
+    p.add_argument("--b-ms", type=float, default=20.0, help="fixed cost per batch")
+    p.add_argument("--noise", type=float, default=0.0, help="relative spread of durations")
+    p.add_argument("--slots", type=int, default=2, help="worker slots")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-latency-ms", type=float, default=250.0)
+    p.add_argument("--on-overload", choices=("queue", "shed"), default="shed")
+    p.add_argument("--burst-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    config = PolicyConfig(args.max_batch_size, args.max_latency_ms, args.on_overload)
+    cost = CostModel(args.a_ms / 1000.0, args.b_ms / 1000.0, args.noise)
+    rate = args.load * cost.capacity_rps(args.max_batch_size, args.slots)
+    trace = make_trace(args.trace, rate, args.seconds, args.seed, burst_size=args.burst_size)
+    result = simulate(POLICIES[args.policy], trace, cost, config, args.slots, args.seed)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(f"{args.policy} at {rate:.1f} req/s ({args.load:.0%} of capacity), {args.trace}:")
+        for name, value in asdict(result).items():
+            print(f"  {name:16} {value:.4g}" if isinstance(value, float) else f"  {name:16} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

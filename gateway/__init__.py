@@ -1,0 +1,1 @@
+"""The HTTP gateway: submit, poll, long-poll, cancel, models, health and metrics."""

@@ -1,0 +1,194 @@
+"""The FastAPI application: the HTTP contract of DESIGN §7."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from redis.exceptions import RedisError
+
+from gateway import inputs
+from gateway.auth import ApiKeys
+from gateway.metrics import GatewayMetrics
+from gateway.views import model_info
+from gateway.waiters import CompletionWaiters
+from shared.errors import AsyncInferError, InvalidInput, NotFound, QueueFull, Unavailable
+from shared.jobs import FINAL_STATUSES, Job, JobMetrics, iso
+from shared.modelspec import ModelSpec, load_specs
+from shared.redisconn import connect
+from shared.settings import Settings
+from shared.store import JobStore, body_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    specs: dict[str, ModelSpec]
+    store: JobStore
+    waiters: CompletionWaiters
+    keys: ApiKeys
+    metrics: GatewayMetrics
+
+
+def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) -> FastAPI:
+    """Build the app; Redis connections open in its lifespan."""
+    specs = specs if specs is not None else load_specs(settings.models)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings)
+        store = JobStore(redis, result_ttl_s=settings.result_ttl_s, job_ttl_s=settings.job_ttl_s,
+                         idempotency_ttl_s=settings.idempotency_ttl_s,
+                         max_attempts=settings.max_attempts)
+        waiters = CompletionWaiters(connect(settings, block_s=3600))
+        waiters.start()
+        app.state.deps = Deps(settings, specs, store, waiters, ApiKeys(settings.api_keys),
+                              GatewayMetrics(redis, specs))
+        log.info("gateway started models=%s auth=%s", ",".join(specs),
+                 app.state.deps.keys.enabled)
+        yield
+        await waiters.stop()
+        await redis.aclose()
+
+    app = FastAPI(title="asyncinfer", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(AsyncInferError)
+    async def _ours(_: Request, exc: AsyncInferError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RedisError)
+    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
+        err = Unavailable(f"Redis is unreachable: {type(exc).__name__}")
+        return JSONResponse(err.body(), status_code=err.status, headers={"Retry-After": "1"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"])
+        err = InvalidInput(f"{field}: {first['msg']}", field=field)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    def deps(request: Request) -> Deps:
+        d: Deps = request.app.state.deps
+        return d
+
+    def spec_of(d: Deps, model: str) -> ModelSpec:
+        if model not in d.specs:
+            raise NotFound(f"no model {model!r}")
+        return d.specs[model]
+
+    async def submit(request: Request, model: str, batch: bool) -> tuple[Deps, list[Job], bool]:
+        d = deps(request)
+        owner = d.keys.owner(request.headers.get("authorization"))
+        spec = spec_of(d, model)
+        started = time.monotonic()
+        raw = await inputs.read_body(request, d.settings.max_body_bytes)
+        body = inputs.parse_json(raw)
+        if batch:
+            env = inputs.envelope(body, inputs.BatchBody)
+            items: list[tuple[tuple[str | int, ...], Any]] = [
+                (("inputs", i), v) for i, v in enumerate(env.inputs)]
+        else:
+            env = inputs.envelope(body, inputs.SubmitBody)
+            items = [(("input",), env.input)]
+        jobs = inputs.new_jobs(spec, items, env)
+        idem = request.headers.get("idempotency-key")
+        try:
+            done = await d.store.submit(model, jobs, owner=owner,
+                                        max_queue=spec.options.max_queue,
+                                        idempotency_key=idem[:200] if idem else None,
+                                        request_hash=body_hash(raw) if idem else "")
+        except QueueFull as exc:
+            raise await _queue_full(d, model, exc) from None
+        d.metrics.submitted(model, len(jobs), time.monotonic() - started)
+        if done.replay:
+            return d, await d.store.get_many(done.ids, owner), True
+        created = iso(done.created_ms) or ""
+        return d, [Job(id=i, model=model, status="queued", priority=env.priority,
+                       created_at=created, metrics=JobMetrics()) for i in done.ids], False
+
+    async def _queue_full(d: Deps, model: str, exc: QueueFull) -> QueueFull:
+        """429 whose Retry-After is the time the backlog needs to drain at the current rate."""
+        info = await model_info(d.store.redis, d.specs[model])
+        rate = float(info["batcher"].get("drain_rows_per_s") or 0.0)
+        excess = max(1, info["queue_depth"] - d.specs[model].options.max_queue // 2)
+        retry = 5 if rate <= 0 else min(300, max(1, math.ceil(excess / rate)))
+        return QueueFull(exc.message, retry_after_s=retry, queue_depth=info["queue_depth"])
+
+    def job_response(job: Job, status: int) -> JSONResponse:
+        return JSONResponse(job.public(), status_code=status,
+                            headers={"Location": f"/v1/jobs/{job.id}"})
+
+    @app.post("/v1/models/{model}/jobs", status_code=202)
+    async def submit_one(model: str, request: Request) -> JSONResponse:
+        d, jobs, _ = await submit(request, model, batch=False)
+        job = jobs[0]
+        wait_s = inputs.prefer_wait_s(request.headers.get("prefer"), d.settings.max_wait_s)
+        if wait_s > 0 and job.status not in FINAL_STATUSES:
+            owner = d.keys.owner(request.headers.get("authorization"))
+            job = await d.waiters.wait(job.id, lambda: d.store.get(job.id, owner), wait_s)
+        return job_response(job, 200 if job.status in FINAL_STATUSES else 202)
+
+    @app.post("/v1/models/{model}/jobs:batch", status_code=202)
+    async def submit_batch(model: str, request: Request) -> JSONResponse:
+        _, jobs, _ = await submit(request, model, batch=True)
+        return JSONResponse({"jobs": [j.public() for j in jobs]}, status_code=202)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request, wait: float = 0.0) -> JSONResponse:
+        d = deps(request)
+        owner = d.keys.owner(request.headers.get("authorization"))
+        wait = min(max(wait, 0.0), d.settings.max_wait_s)
+        if wait > 0:
+            job = await d.waiters.wait(job_id, lambda: d.store.get(job_id, owner), wait)
+        else:
+            job = await d.store.get(job_id, owner)
+        return job_response(job, 200)
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str, request: Request) -> JSONResponse:
+        d = deps(request)
+        owner = d.keys.owner(request.headers.get("authorization"))
+        return job_response(await d.store.cancel(job_id, owner), 200)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        d = deps(request)
+        d.keys.owner(request.headers.get("authorization"))
+        return {"models": [await model_info(d.store.redis, s) for s in d.specs.values()]}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(model: str, request: Request) -> dict[str, Any]:
+        d = deps(request)
+        d.keys.owner(request.headers.get("authorization"))
+        return await model_info(d.store.redis, spec_of(d, model))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        try:
+            await deps(request).store.redis.ping()
+        except (RedisError, OSError) as exc:
+            err = Unavailable(f"Redis is unreachable: {type(exc).__name__}")
+            return JSONResponse(err.body(), status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        text = await deps(request).metrics.render()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    return app

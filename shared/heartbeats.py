@@ -1,0 +1,91 @@
+"""Worker heartbeats in Redis: what the batcher counts as capacity and the autoscaler as replicas.
+
+Each worker owns one field of the model's `workers` hash; the value carries its own expiry time,
+so readers skip (and prune) the fields of workers that died without saying goodbye.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared import keys
+
+log = logging.getLogger(__name__)
+
+State = Literal["starting", "ready", "busy", "draining"]
+SERVING_STATES = ("ready", "busy")
+
+
+@dataclass
+class Heartbeat:
+    name: str
+    model: str
+    index: int
+    device: str
+    slots: int
+    state: State = "starting"
+    busy: int = 0
+    pid: int = 0
+    host: str = ""
+    expires_ms: int = 0
+
+
+async def live_workers(redis: aioredis.Redis, model: str) -> list[dict[str, Any]]:
+    """Heartbeats of the model's workers that are alive now; prunes the expired ones."""
+    raw = await redis.hgetall(keys.workers(model))
+    now = time.time() * 1000
+    alive: list[dict[str, Any]] = []
+    dead: list[str] = []
+    for name, value in raw.items():
+        hb = json.loads(value)
+        if hb.get("expires_ms", 0) > now:
+            alive.append(hb)
+        else:
+            dead.append(str(name))
+    if dead:
+        await redis.hdel(keys.workers(model), *dead)
+    return alive
+
+
+class HeartbeatPublisher:
+    """Publishes this worker's heartbeat every interval until stopped."""
+
+    def __init__(self, redis: aioredis.Redis, hb: Heartbeat, interval_s: float) -> None:
+        self.redis = redis
+        self.hb = hb
+        self.interval_s = interval_s
+        self.hb.pid = os.getpid()
+        self.hb.host = socket.gethostname()
+
+    async def publish(self) -> None:
+        self.hb.expires_ms = int((time.time() + self.interval_s * keys.HEARTBEAT_TTL_FACTOR)
+                                 * 1000)
+        await self.redis.hset(keys.workers(self.hb.model), self.hb.name,
+                              json.dumps(asdict(self.hb)))
+
+    async def run(self) -> None:
+        failing = False
+        while True:
+            try:
+                await self.publish()
+                if failing:
+                    log.info("heartbeat restored worker=%s", self.hb.name)
+                failing = False
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("heartbeat failing worker=%s error=%s", self.hb.name, exc)
+                failing = True
+            await asyncio.sleep(self.interval_s)
+
+    async def remove(self) -> None:
+        await self.redis.hdel(keys.workers(self.hb.model), self.hb.name)

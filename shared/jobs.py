@@ -1,0 +1,105 @@
+"""The job record: its public JSON shape (DESIGN §7) and its layout in a Redis hash."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Status = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled", "expired"})
+Priority = Literal["high", "normal", "low"]
+
+
+class JobMetrics(BaseModel):
+    queue_ms: float | None = None
+    run_ms: float | None = None
+    batch_size: int | None = None
+    worker: str | None = None
+    device: str | None = None
+    attempts: int = 0
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class Job(BaseModel):
+    """A job as the HTTP API shows it."""
+
+    id: str
+    model: str
+    status: Status
+    priority: Priority = "normal"
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    expires_at: str | None = None
+    output: Any = None
+    error: JobError | None = None
+    metrics: JobMetrics = Field(default_factory=JobMetrics)
+
+    def public(self) -> dict[str, Any]:
+        """JSON body: `output` only once succeeded, `error` only once failed."""
+        body = self.model_dump(exclude={"output", "error"})
+        if self.status == "succeeded":
+            body["output"] = self.output
+        if self.error is not None:
+            body["error"] = self.error.model_dump()
+        return body
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now_ms() -> int:
+    """Wall-clock epoch milliseconds: for records other processes read, never for durations."""
+    return int(time.time() * 1000)
+
+
+def iso(ms: str | int | None) -> str | None:
+    if ms in (None, ""):
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _num(raw: str | None) -> float | None:
+    return None if raw in (None, "") else float(raw)
+
+
+def from_hash(fields: dict[str, str], now: int | None = None) -> Job:
+    """Build a Job from its Redis hash. A queued job past its expiry reads as `expired`."""
+    status = fields["status"]
+    expires_ms = fields.get("expires_ms")
+    if status == "queued" and expires_ms and int(expires_ms) <= (now or now_ms()):
+        status = "expired"
+    error = json.loads(fields["error"]) if fields.get("error") else None
+    if status == "expired" and error is None:
+        error = {"type": "expired", "message": "the job waited longer than its ttl_s"}
+    batch_size = _num(fields.get("batch_size"))
+    return Job(
+        id=fields["id"],
+        model=fields["model"],
+        status=status,
+        priority=fields.get("priority", "normal"),
+        created_at=iso(fields["created_ms"]) or "",
+        started_at=iso(fields.get("started_ms")),
+        finished_at=iso(fields.get("finished_ms")),
+        expires_at=iso(expires_ms),
+        output=json.loads(fields["output"]) if fields.get("output") else None,
+        error=JobError(**error) if error else None,
+        metrics=JobMetrics(
+            queue_ms=_num(fields.get("queue_ms")),
+            run_ms=_num(fields.get("run_ms")),
+            batch_size=int(batch_size) if batch_size is not None else None,
+            worker=fields.get("worker") or None,
+            device=fields.get("device") or None,
+            attempts=int(fields.get("attempts") or 0),
+        ),
+    )

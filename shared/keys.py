@@ -1,0 +1,90 @@
+"""Every Redis key, stream, consumer group, channel and fixed TTL the system uses.
+
+Nothing else builds a key by hand: a process that needs one calls a function here, so a reader
+can see the whole data layout in one page.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+PREFIX = "ai"
+
+# The one consumer group every batcher of a model joins on its streams.
+BATCHER_GROUP = "batchers"
+
+# Consumer that owns the entries of batches dispatched to workers (see batcher.streams).
+INFLIGHT_CONSUMER = "inflight"
+
+# Pub/sub channel carrying the id of every job that reached a final state (long-poll wake-ups).
+FINAL_CHANNEL = f"{PREFIX}:ev:final"
+
+# Caps on auxiliary streams; approximate trimming keeps them bounded without a sweeper.
+COMPLETIONS_MAXLEN = 10_000
+DEAD_LETTER_MAXLEN = 10_000
+SCALE_HISTORY_LEN = 20
+
+# Fixed lifetimes (the configurable ones live in Settings).
+BATCHER_STATE_TTL_S = 15
+HEARTBEAT_TTL_FACTOR = 5  # a heartbeat lives this many intervals
+CANCELED_TTL_S = 3600
+
+PriorityName = Literal["high", "normal", "low"]
+
+
+def job(job_id: str) -> str:
+    """Hash holding one job record."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def stream(model: str, priority: PriorityName) -> str:
+    """Request stream of one model and priority; entries carry job id, rows, expiry."""
+    return f"{PREFIX}:q:{model}:{priority}"
+
+
+def completions(model: str) -> str:
+    """Stream of batch completion reports (size, duration) that feed the batcher's latency fit."""
+    return f"{PREFIX}:done:{model}"
+
+
+def dead_letters(model: str) -> str:
+    """Stream of jobs that failed after the attempt limit."""
+    return f"{PREFIX}:dlq:{model}"
+
+
+def workers(model: str) -> str:
+    """Hash worker name -> heartbeat JSON (with its own expiry time) for one model."""
+    return f"{PREFIX}:workers:{model}"
+
+
+def batcher_state(model: str) -> str:
+    """JSON snapshot of the batcher's live values (fit, queue, in flight)."""
+    return f"{PREFIX}:batcher:{model}"
+
+
+def lease(model: str) -> str:
+    """The active batcher's lease on a model."""
+    return f"{PREFIX}:lease:{model}"
+
+
+def idempotency(owner: str, key: str) -> str:
+    """Maps an Idempotency-Key of one API key owner to a job id and body hash."""
+    return f"{PREFIX}:idem:{owner}:{key}"
+
+
+def stats(model: str) -> str:
+    """Hash status -> count of jobs of the model that reached each final state (for /metrics)."""
+    return f"{PREFIX}:stats:{model}"
+
+
+STATS_PREFIX = f"{PREFIX}:stats:"
+
+
+def scale_history(model: str) -> str:
+    """List of the autoscaler's last decisions for a model, newest first."""
+    return f"{PREFIX}:scale:{model}"
+
+
+def celery_queue(model: str) -> str:
+    """Celery queue the workers of one model consume."""
+    return f"{PREFIX}.batches.{model}"

@@ -1,0 +1,67 @@
+"""The model plug-in interface: what a user writes to serve a PyTorch (or any) model.
+
+Keep heavy imports (torch, weights) inside `load`: the gateway and batcher import the class only
+to read its schemas and options, and they must never import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ServingOptions(BaseModel):
+    """How one model is batched, run and scaled. Overridable per model in the configuration."""
+
+    max_batch_size: int = Field(32, ge=1)
+    max_latency_ms: float = Field(200.0, gt=0)
+    on_overload: Literal["queue", "shed"] = "queue"
+    predict_concurrency: int = Field(1, ge=1)
+    concurrency_target: int = Field(64, ge=1, description="Requests one worker should hold.")
+    min_workers: int = Field(0, ge=0)
+    max_workers: int | None = Field(None, ge=1, description="None: one per device.")
+    scale_down_delay_s: float = Field(30.0, ge=0)
+    max_queue: int = Field(100_000, ge=1)
+    batch_timeout_s: float = Field(60.0, gt=0, description="Time limit of one batch.")
+
+
+class ModelContext(BaseModel):
+    """Where a model instance runs; user code reads it as BentoML users read server_context."""
+
+    model: str
+    worker_index: int
+    device: str
+    worker_name: str
+
+
+class InferenceModel:
+    """Base class of served models.
+
+    Subclasses set `Input` and `Output` (pydantic models), implement `predict(batch)` and may
+    override `load`, `preprocess` and `postprocess`. Raising from `preprocess`/`postprocess`
+    fails that item's job only; an item of `predict`'s result that is an Exception fails that job
+    only; raising from `predict` makes the worker bisect the batch to find the bad item.
+    """
+
+    Input: ClassVar[type[BaseModel]]
+    Output: ClassVar[type[BaseModel]]
+    options: ClassVar[ServingOptions] = ServingOptions()
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    def load(self, device: str) -> None:
+        """Load weights onto `device` ('cpu' or 'cuda:0'); called once per worker process."""
+
+    def preprocess(self, item: Any) -> Any:
+        """Per item, before batching; receives the validated Input instance."""
+        return item
+
+    def predict(self, batch: list[Any]) -> list[Any]:
+        """The whole batch at once; returns one result per item, in order."""
+        raise NotImplementedError
+
+    def postprocess(self, result: Any) -> Any:
+        """Per item, after predict; returns an Output instance or a dict that validates as one."""
+        return result

@@ -1,0 +1,99 @@
+"""Lua scripts that make each job transition atomic and one round trip.
+
+Why Lua: a submit must check the backlog and the idempotency key, write the record and append the
+stream entry as one step; a final state must be written at most once (first writer wins) even when
+a reclaimed batch runs a job twice.
+"""
+
+from __future__ import annotations
+
+# KEYS: 3 streams of the model (high, normal, low), idempotency key or "", then one job key per job.
+# ARGV: max_queue, result_ttl_ms, idem_ttl_ms, body_hash, model, created_ms, n, then per job
+#       PER_JOB_ARGS values: id, stream index (1..3), expires_ms, rows, priority, input, owner, webhook
+SUBMIT = """
+local max_queue = tonumber(ARGV[1])
+local n = tonumber(ARGV[7])
+if KEYS[4] ~= '' then
+  local prior = redis.call('HMGET', KEYS[4], 'ids', 'hash')
+  if prior[1] then return {'idem', prior[1], prior[2]} end
+end
+local depth = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2]) + redis.call('XLEN', KEYS[3])
+if depth + n > max_queue then return {'full', tostring(depth)} end
+local ids = {}
+for i = 0, n - 1 do
+  local base = 8 + i * 8
+  local id, sidx, expires, rows = ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3]
+  local skey = KEYS[sidx]
+  local entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires)
+  local jkey = KEYS[5 + i]
+  redis.call('HSET', jkey, 'id', id, 'model', ARGV[5], 'status', 'queued', 'created_ms', ARGV[6],
+    'expires_ms', expires, 'rows', rows, 'priority', ARGV[base + 4], 'input', ARGV[base + 5],
+    'owner', ARGV[base + 6], 'webhook', ARGV[base + 7], 'stream', skey, 'entry', entry,
+    'attempts', 0)
+  redis.call('PEXPIREAT', jkey, tonumber(expires) + tonumber(ARGV[2]))
+  ids[#ids + 1] = id
+end
+local joined = table.concat(ids, ',')
+if KEYS[4] ~= '' then
+  redis.call('HSET', KEYS[4], 'ids', joined, 'hash', ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[3]))
+end
+return {'ok', joined}
+"""
+PER_JOB_ARGS = 8
+
+# KEYS: job key. ARGV: now_ms, worker, device, max_attempts.
+# Returns {'run', attempts, input, created_ms} | {'poison', attempts} | {'skip', status} | {'missing'}.
+START = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'expires_ms')
+if not st[1] then return {'missing'} end
+if st[1] ~= 'queued' and st[1] ~= 'running' then return {'skip', st[1]} end
+if st[1] == 'queued' and tonumber(st[2]) <= tonumber(ARGV[1]) then return {'skip', 'expired'} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[4]) then return {'poison', attempts} end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_ms', ARGV[1], 'worker', ARGV[2],
+  'device', ARGV[3])
+local rec = redis.call('HMGET', KEYS[1], 'input', 'created_ms')
+return {'run', attempts, rec[1], rec[2]}
+"""
+
+# KEYS: job key. ARGV: status, ttl_ms, channel, group, stats key prefix, then field/value pairs.
+# Writes the final state unless one is already there, then acks and deletes the stream entry
+# either way (the entry's work is over). Returns 1 written, 0 already final, -1 record gone.
+FINISH = """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'stream', 'entry')
+if not cur[1] then return -1 end
+local written = 0
+if cur[1] == 'queued' or cur[1] == 'running' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 6))
+  redis.call('HDEL', KEYS[1], 'input')
+  redis.call('HINCRBY', ARGV[5] .. redis.call('HGET', KEYS[1], 'model'), ARGV[1], 1)
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  redis.call('PUBLISH', ARGV[3], redis.call('HGET', KEYS[1], 'id'))
+  written = 1
+end
+if cur[2] then
+  redis.call('XACK', cur[2], ARGV[4], cur[3])
+  redis.call('XDEL', cur[2], cur[3])
+end
+return written
+"""
+
+# KEYS: job key. ARGV: owner, now_ms, ttl_ms, channel, group, stats key prefix.
+# Returns {'ok'} | {'final', status} | {'missing'}.
+CANCEL = """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'stream', 'entry', 'id')
+if not cur[1] or cur[2] ~= ARGV[1] then return {'missing'} end
+if cur[1] ~= 'queued' and cur[1] ~= 'running' then return {'final', cur[1]} end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_ms', ARGV[2],
+  'error', '{"type":"canceled","message":"canceled by the client"}')
+redis.call('HDEL', KEYS[1], 'input')
+redis.call('HINCRBY', ARGV[6] .. redis.call('HGET', KEYS[1], 'model'), 'canceled', 1)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('PUBLISH', ARGV[4], cur[5])
+if cur[3] then
+  redis.call('XACK', cur[3], ARGV[5], cur[4])
+  redis.call('XDEL', cur[3], cur[4])
+end
+return {'ok'}
+"""

@@ -1,0 +1,220 @@
+"""The job store: every read and write of job records, as one-round-trip async calls."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from shared import keys, scripts
+from shared.errors import Conflict, NotFound, QueueFull
+from shared.jobs import FINAL_STATUSES, Job, Priority, from_hash, new_job_id, now_ms
+
+PRIORITY_INDEX: dict[str, int] = {"high": 1, "normal": 2, "low": 3}
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a submit carries for one job. `input_json` is the validated input, encoded once."""
+
+    input_json: str
+    priority: Priority = "normal"
+    ttl_s: float | None = None
+    rows: int = 1
+    webhook: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final state a worker writes for one job."""
+
+    job_id: str
+    status: str
+    output_json: str | None = None
+    error: dict[str, str] | None = None
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    ids: list[str]
+    created_ms: int
+    replay: bool = False  # an Idempotency-Key replay: the ids are of the earlier jobs
+
+
+@dataclass(frozen=True)
+class Started:
+    """What `JobStore.start` found for one job."""
+
+    job_id: str
+    verdict: str
+    attempts: int = 0
+    input_json: str | None = None
+    created_ms: int = 0
+
+
+def body_hash(raw: bytes | str) -> str:
+    data = raw.encode() if isinstance(raw, str) else raw
+    return hashlib.sha256(data).hexdigest()
+
+
+class JobStore:
+    """Job records in Redis. Safe to share between tasks of one event loop."""
+
+    def __init__(self, redis: aioredis.Redis, *, result_ttl_s: int, job_ttl_s: int,
+                 idempotency_ttl_s: int = 86_400, max_attempts: int = 3) -> None:
+        self.redis = redis
+        self.result_ttl_ms = result_ttl_s * 1000
+        self.job_ttl_s = job_ttl_s
+        self.idempotency_ttl_ms = idempotency_ttl_s * 1000
+        self.max_attempts = max_attempts
+        self._submit = redis.register_script(scripts.SUBMIT)
+        self._start = redis.register_script(scripts.START)
+        self._finish = redis.register_script(scripts.FINISH)
+        self._cancel = redis.register_script(scripts.CANCEL)
+
+    async def submit(self, model: str, jobs: Sequence[NewJob], *, owner: str = "",
+                     max_queue: int, idempotency_key: str | None = None,
+                     request_hash: str = "") -> Submitted:
+        """Write the records and append the stream entries atomically; returns the job ids.
+
+        Raises QueueFull when the backlog would pass `max_queue`, Conflict when the idempotency
+        key was used with another body. A replay of the same key and body returns the first ids.
+        """
+        created = now_ms()
+        streams = [keys.stream(model, p) for p in ("high", "normal", "low")]
+        idem = keys.idempotency(owner or "-", idempotency_key) if idempotency_key else ""
+        ids = [new_job_id() for _ in jobs]
+        argv: list[Any] = [0, self.result_ttl_ms, self.idempotency_ttl_ms, request_hash, model,
+                           created, len(jobs)]
+        for job_id, job in zip(ids, jobs, strict=True):
+            ttl_ms = int((job.ttl_s if job.ttl_s is not None else self.job_ttl_s) * 1000)
+            argv += [job_id, PRIORITY_INDEX[job.priority], created + ttl_ms, job.rows,
+                     job.priority, job.input_json, owner, job.webhook or ""]
+        argv[0] = max_queue
+        reply = await self._submit(keys=[*streams, idem, *map(keys.job, ids)], args=argv)
+        kind = _s(reply[0])
+        if kind == "idem":
+            if _s(reply[2]) != request_hash:
+                raise Conflict("Idempotency-Key was already used with a different request body")
+            return Submitted(_s(reply[1]).split(","), created, replay=True)
+        if kind == "full":
+            raise QueueFull(f"model {model!r} has {_s(reply[1])} jobs queued", retry_after_s=1,
+                            queue_depth=int(_s(reply[1])))
+        return Submitted(ids, created)
+
+    async def get(self, job_id: str, owner: str = "") -> Job:
+        """The job, or NotFound (also for a job of another API key)."""
+        fields = await self.redis.hgetall(keys.job(job_id))
+        return self._visible(job_id, _decode(fields), owner)
+
+    async def get_many(self, job_ids: Sequence[str], owner: str = "") -> list[Job]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        rows = await pipe.execute()
+        return [self._visible(i, _decode(r), owner) for i, r in zip(job_ids, rows, strict=True)]
+
+    @staticmethod
+    def _visible(job_id: str, fields: dict[str, str], owner: str) -> Job:
+        if not fields or "status" not in fields or fields.get("owner", "") != owner:
+            raise NotFound(f"no job {job_id!r}")
+        return from_hash(fields)
+
+    async def cancel(self, job_id: str, owner: str = "") -> Job:
+        """Cancel a queued or running job; Conflict when it is already final."""
+        reply = await self._cancel(
+            keys=[keys.job(job_id)],
+            args=[owner, now_ms(), keys.CANCELED_TTL_S * 1000, keys.FINAL_CHANNEL,
+                  keys.BATCHER_GROUP, keys.STATS_PREFIX],
+        )
+        kind = _s(reply[0])
+        if kind == "missing":
+            raise NotFound(f"no job {job_id!r}")
+        if kind == "final":
+            raise Conflict(f"job {job_id!r} is already {_s(reply[1])}")
+        return await self.get(job_id, owner)
+
+    async def start(self, job_ids: Sequence[str], worker: str,
+                    device: str) -> list[Started]:
+        """Mark jobs running, one round trip. The verdict is 'run', 'poison' (past the attempt
+        limit), or the status that makes the job skip ('canceled', 'expired', 'missing', ...)."""
+        pipe = self.redis.pipeline(transaction=False)
+        started = now_ms()
+        for job_id in job_ids:
+            await self._start(keys=[keys.job(job_id)], args=[started, worker, device,
+                                                       self.max_attempts], client=pipe)
+        out: list[Started] = []
+        for job_id, reply in zip(job_ids, await pipe.execute(), strict=True):
+            kind = _s(reply[0])
+            if kind == "run":
+                out.append(Started(job_id, "run", int(reply[1]), _s(reply[2]), int(reply[3])))
+            elif kind == "poison":
+                out.append(Started(job_id, "poison", int(reply[1])))
+            else:
+                out.append(Started(job_id, _s(reply[1]) if len(reply) > 1 else kind))
+        return out
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Write final states (first writer wins) and ack their stream entries, one round trip.
+        Returns, per job, whether this call's state is the one that stuck."""
+        pipe = self.redis.pipeline(transaction=False)
+        finished = now_ms()
+        for o in outcomes:
+            assert o.status in FINAL_STATUSES, o.status
+            fields: list[Any] = ["finished_ms", finished]
+            if o.output_json is not None:
+                fields += ["output", o.output_json]
+            if o.error is not None:
+                fields += ["error", json.dumps(o.error)]
+            for name, value in (o.metrics or {}).items():
+                if value is not None:
+                    fields += [name, value]
+            await self._finish(keys=[keys.job(o.job_id)],
+                         args=[o.status, self.result_ttl_ms, keys.FINAL_CHANNEL,
+                               keys.BATCHER_GROUP, keys.STATS_PREFIX, *fields], client=pipe)
+        return [int(r) == 1 for r in await pipe.execute()]
+
+    async def dead_letter(self, model: str, job_id: str, attempts: int, reason: str) -> None:
+        await self.redis.xadd(keys.dead_letters(model),
+                              {"job": job_id, "attempts": attempts, "reason": reason},
+                              maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
+
+    async def backlog(self, model: str) -> tuple[int, int]:
+        """(queued, in_flight) jobs of the model: in flight are the entries the batcher handed to
+        workers (pending on the in-flight consumer); the rest of the stream waits."""
+        pipe = self.redis.pipeline(transaction=False)
+        streams = [keys.stream(model, p) for p in ("high", "normal", "low")]
+        for stream in streams:
+            pipe.xlen(stream)
+        for stream in streams:
+            pipe.xpending(stream, keys.BATCHER_GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+        total = sum(int(r) for r in replies[:3] if isinstance(r, int))
+        in_flight = 0
+        for summary in replies[3:]:
+            if isinstance(summary, dict):  # an error reply: the group does not exist yet
+                for c in summary.get("consumers") or []:
+                    if c.get("name") == keys.INFLIGHT_CONSUMER:
+                        in_flight += int(c.get("pending", 0))
+        return max(0, total - in_flight), in_flight
+
+    async def queue_depth(self, model: str) -> int:
+        """Jobs of the model not yet final (queued or running): stream entries are deleted when
+        their job reaches a final state, so the stream lengths are the backlog."""
+        pipe = self.redis.pipeline(transaction=False)
+        for p in ("high", "normal", "low"):
+            pipe.xlen(keys.stream(model, p))
+        return int(sum(await pipe.execute()))
+
+
+def _s(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode(fields: dict[Any, Any]) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in fields.items()}

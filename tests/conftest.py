@@ -1,0 +1,139 @@
+"""Fixtures that run the real parts: a private redis-server per test module, the gateway app,
+and batcher/worker/gateway processes started and reaped by the `procs` fixture."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from gateway.app import create_app
+from shared.procs import free_port, spawn, terminate, wait_port
+from shared.redisserver import RedisServer
+from shared.settings import Settings
+
+MODELS = Path(__file__).parent / "models.toml"
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer) -> Settings:
+    redis.Redis.from_url(redis_server.url).flushall()
+    return Settings(redis_url=redis_server.url, models=MODELS, devices="cpu:2",
+                    reclaim_idle_s=6, lease_ttl_s=2, heartbeat_interval_s=0.5,
+                    max_body_bytes=64 * 1024)
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    """The settings as the environment a child process reads them from."""
+    env = {"ASYNCINFER_REDIS_URL": settings.redis_url, "ASYNCINFER_MODELS": str(MODELS),
+           "ASYNCINFER_DEVICES": settings.devices,
+           "ASYNCINFER_RECLAIM_IDLE_S": str(settings.reclaim_idle_s),
+           "ASYNCINFER_LEASE_TTL_S": str(settings.lease_ttl_s),
+           "ASYNCINFER_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+           "ASYNCINFER_MAX_ATTEMPTS": str(settings.max_attempts),
+           "ASYNCINFER_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    return env
+
+
+class Procs:
+    """Starts the system's processes for one test and kills whatever is left at the end."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.all: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        proc = spawn(["-m", *args], {**env_of(self.settings), **env},
+                     self.log_dir / f"{name}.log")
+        self.all.append(proc)
+        return proc
+
+    def batcher(self) -> subprocess.Popen[bytes]:
+        return self.start(f"batcher-{len(self.all)}", "batcher")
+
+    def worker(self, model: str, index: int = 1) -> subprocess.Popen[bytes]:
+        return self.start(f"worker-{model}-{index}", "workers", "--model", model,
+                          "--index", str(index), WORKER_INDEX=str(index))
+
+    def gateway(self) -> str:
+        port = free_port()
+        self.start(f"gateway-{port}", "gateway", ASYNCINFER_GATEWAY_PORT=str(port))
+        assert wait_port("127.0.0.1", port, 30), self.logs()
+        return f"http://127.0.0.1:{port}"
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}"
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.all:
+            terminate(proc, grace_s=5)
+
+
+@pytest.fixture
+def procs(settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
+    p = Procs(settings, tmp_path / "logs")
+    yield p
+    p.stop_all()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        print(p.logs())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    rep = yield
+    if rep.when == "call":  # type: ignore[attr-defined]
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app in process (lifespan included) over the ASGI transport."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            yield c
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Wait for a condition of the system under test (not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def workers_ready(settings: Settings, model: str, n: int) -> Callable[[], bool]:
+    import json
+
+    from shared import keys
+
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+
+    def check() -> bool:
+        beats = [json.loads(v) for v in r.hgetall(keys.workers(model)).values()]
+        return sum(1 for b in beats if b["state"] in ("ready", "busy")) >= n
+
+    return check
+
+
+os.environ.setdefault("ASYNCINFER_LOG_LEVEL", "WARNING")

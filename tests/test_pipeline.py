@@ -1,0 +1,114 @@
+"""End to end through real processes: gateway (uvicorn), batcher, Celery worker, real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+
+import httpx
+import pytest
+import redis
+
+from shared import keys
+from shared.settings import Settings
+from tests.conftest import Procs, wait_until, workers_ready
+
+pytestmark = pytest.mark.slow
+
+
+async def _final(client: httpx.AsyncClient, job_id: str, wait_s: float = 30) -> dict[str, object]:
+    r = await client.get(f"/v1/jobs/{job_id}", params={"wait": wait_s})
+    body: dict[str, object] = r.json()
+    return body
+
+
+async def test_200_concurrent_jobs_match_the_model_run_directly(procs: Procs,
+                                                                 settings: Settings) -> None:
+    import torch
+
+    from workers.builtin.mlp import IN_FEATURES, build_mlp
+
+    procs.batcher()
+    procs.worker("mlp")
+    url = procs.gateway()
+    wait_until(workers_ready(settings, "mlp", 1), 60, "mlp worker ready")
+    gen = torch.Generator().manual_seed(7)
+    inputs = (torch.rand(200, IN_FEATURES, generator=gen) * 2 - 1).tolist()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        subs = await asyncio.gather(*(client.post("/v1/models/mlp/jobs",
+                                                  json={"input": {"features": x}})
+                                      for x in inputs))
+        assert all(s.status_code == 202 for s in subs)
+        done = await asyncio.gather(*(_final(client, s.json()["id"]) for s in subs))
+    assert [d["status"] for d in done] == ["succeeded"] * 200
+    with torch.inference_mode():
+        expected = build_mlp()(torch.tensor(inputs)).tolist()
+    for job, want in zip(done, expected, strict=True):
+        got = job["output"]["logits"]  # type: ignore[index]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert job["metrics"]["worker"].startswith("mlp-1@")  # type: ignore[index]
+        assert job["metrics"]["batch_size"] >= 1  # type: ignore[index]
+    batches = redis.Redis.from_url(settings.redis_url).xlen(keys.completions("mlp"))
+    assert 0 < batches < 200
+    print(f"200 jobs ran in {batches} batches")
+
+
+async def test_long_poll_wakes_on_completion_not_on_timeout(procs: Procs,
+                                                            settings: Settings) -> None:
+    procs.batcher()
+    procs.worker("synthetic")
+    url = procs.gateway()
+    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        job = (await client.post("/v1/models/synthetic/jobs",
+                                 json={"input": {"x": 3, "sleep_s": 0.5}})).json()
+        assert job["status"] == "queued"
+        wait_s = 40
+        polled = await client.get(f"/v1/jobs/{job['id']}", params={"wait": wait_s})
+        answered = time.time()
+        body = polled.json()
+        assert body["status"] == "succeeded" and body["output"] == {"y": 6.0}
+        finished = datetime.fromisoformat(body["finished_at"]).timestamp()
+        # Order of events: the job finished, then the long-poll answered, well before its wait
+        # ran out: it was woken by the completion, not by its timeout.
+        assert finished <= answered + 0.01
+        assert answered - finished < wait_s / 2
+        # Prefer: wait gives 200 with the finished job.
+        r = await client.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}},
+                              headers={"Prefer": "wait=30"})
+        assert r.status_code == 200 and r.json()["status"] == "succeeded"
+
+
+async def test_per_item_failures_fail_only_their_job(procs: Procs, settings: Settings) -> None:
+    procs.batcher()
+    procs.worker("synthetic")
+    url = procs.gateway()
+    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    inputs = [{"x": 1}, {"x": 2, "fail": "preprocess"}, {"x": 3, "fail": "predict"},
+              {"x": 4, "fail": "postprocess"}, {"x": 5}]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        jobs = (await client.post("/v1/models/synthetic/jobs:batch",
+                                  json={"inputs": inputs})).json()["jobs"]
+        done = await asyncio.gather(*(_final(client, j["id"]) for j in jobs))
+    assert [d["status"] for d in done] == ["succeeded", "failed", "failed", "failed",
+                                           "succeeded"]
+    assert [d["error"]["type"] for d in done[1:4]] == [  # type: ignore[index]
+        "preprocess_error", "predict_error", "postprocess_error"]
+    assert done[0]["output"] == {"y": 2.0} and done[4]["output"] == {"y": 10.0}
+
+
+async def test_canceled_queued_job_is_never_computed(procs: Procs, settings: Settings) -> None:
+    url = procs.gateway()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        jobs = (await client.post("/v1/models/synthetic/jobs:batch",
+                                  json={"inputs": [{"x": i} for i in range(4)]})).json()["jobs"]
+        canceled = await client.delete(f"/v1/jobs/{jobs[1]['id']}")
+        assert canceled.json()["status"] == "canceled"
+        # Only now does anything run: the batcher and a worker start after the cancel.
+        procs.batcher()
+        procs.worker("synthetic")
+        done = await asyncio.gather(*(_final(client, j["id"]) for j in jobs))
+    assert [d["status"] for d in done] == ["succeeded", "canceled", "succeeded", "succeeded"]
+    assert done[1]["metrics"]["attempts"] == 0  # type: ignore[index]
+    assert done[1]["started_at"] is None

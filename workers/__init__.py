@@ -1,0 +1,1 @@
+"""Worker processes: the Celery batch task, the model runtime, device pinning, autoscaling."""

@@ -1,0 +1,155 @@
+"""One worker process: pin to its device, load the model, then serve batches as a Celery worker.
+
+Pool choice: Celery's `threads` pool inside a process that the launcher started with its device
+already chosen. There is no fork at all, so CUDA can never be initialised before a fork; the
+model loads before the worker consumes (no child start-up limit applies); Celery's main thread
+keeps sending heartbeats and answering remote control while batches run in pool threads; and
+several batches can be in flight so preprocess/postprocess overlap a running predict. The price
+is that Celery cannot kill a stuck thread, so the batch time limit is enforced here: the batch's
+jobs are failed and, if predict is still stuck after a grace period, the process exits for its
+launcher to restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from celery import signals
+
+from shared import keys
+from shared.celeryapp import BATCH_TASK, make_celery
+from shared.devices import Device, device_for, parse_devices
+from shared.heartbeats import Heartbeat, HeartbeatPublisher
+from shared.model import ModelContext
+from shared.modelspec import ModelSpec, load_specs
+from shared.redisconn import connect
+from shared.settings import Settings
+from shared.store import JobStore
+from workers import context
+from workers.loop import LoopThread
+from workers.runtime import BatchRequest, ModelRuntime
+
+log = logging.getLogger(__name__)
+
+STUCK_EXIT_CODE = 70
+STUCK_GRACE_S = 2.0
+
+
+def pin(device: Device) -> int:
+    """Pin this process to its CPU slot (affinity and torch threads); returns the thread count."""
+    if device.kind == "cpu" and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[device.ordinal % len(cores)]})
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class Worker:
+    """Wires the runtime, the heartbeat and the Celery worker of one (model, index)."""
+
+    def __init__(self, settings: Settings, spec: ModelSpec, index: int) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.device = device_for(parse_devices(settings.devices), index)
+        self.name = f"{spec.name}-{index}@{socket.gethostname()}"
+        self.slots = spec.options.predict_concurrency + 1
+        self.loop = LoopThread()
+        self.redis = connect(settings)
+        self.store = JobStore(self.redis, result_ttl_s=settings.result_ttl_s,
+                              job_ttl_s=settings.job_ttl_s, max_attempts=settings.max_attempts)
+        ctx = ModelContext(model=spec.name, worker_index=index, device=self.device.torch_device,
+                           worker_name=self.name)
+        context.set_current(ctx)
+        self.heartbeat = HeartbeatPublisher(self.redis, Heartbeat(
+            name=self.name, model=spec.name, index=index, device=self.device.label,
+            slots=self.slots), settings.heartbeat_interval_s)
+        self.runtime = ModelRuntime(spec, ctx, self.store)
+        self.app = make_celery(settings)
+        self.app.task(name=BATCH_TASK)(self._task)
+        self._busy = 0
+
+    def _task(self, model: str, batch_id: str, job_ids: list[str], dispatched_ms: int = 0) -> \
+            dict[str, Any]:
+        req = BatchRequest(model, batch_id, job_ids, dispatched_ms)
+        self._set_busy(+1)
+        try:
+            return self.loop.call(self._run(req))
+        finally:
+            self._set_busy(-1)
+
+    def _set_busy(self, delta: int) -> None:
+        self._busy += delta
+        hb = self.heartbeat.hb
+        hb.busy = self._busy
+        if hb.state in ("ready", "busy"):
+            hb.state = "busy" if self._busy else "ready"
+
+    async def _run(self, req: BatchRequest) -> dict[str, Any]:
+        limit_s = self.spec.options.batch_timeout_s
+        try:
+            report = await asyncio.wait_for(self.runtime.run_batch(req), limit_s)
+        except TimeoutError:
+            await self.store.finish(self.runtime.timeout_outcomes(req))
+            log.error("batch time limit batch=%s model=%s limit_s=%s", req.batch_id,
+                      req.model, limit_s)
+            deadline = time.monotonic() + STUCK_GRACE_S
+            while self.runtime.predicts_running and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.runtime.predicts_running:
+                log.error("predict stuck past time limit; exiting for restart worker=%s",
+                          self.name)
+                await self.heartbeat.remove()
+                os._exit(STUCK_EXIT_CODE)
+            return {"batch": req.batch_id, "timeout": True}
+        fields: dict[Any, Any] = self.runtime.report_fields(report)
+        await self.redis.xadd(keys.completions(req.model), fields,
+                              maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
+        return {"batch": req.batch_id, "ok": report.ok, "failed": report.failed}
+
+    def run(self) -> None:
+        """Load, then serve until a warm shutdown (SIGTERM: stop taking batches, finish, exit)."""
+        threads = pin(self.device)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        hb_task = self.loop.spawn(self.heartbeat.run())
+        self.loop.call(self.heartbeat.publish())
+        try:
+            _set_torch_threads(threads)
+            self.runtime.load()
+            self.heartbeat.hb.state = "ready"
+            self.loop.call(self.heartbeat.publish())
+            signals.worker_shutting_down.connect(self._on_shutdown, weak=False)
+            log.info("worker ready worker=%s device=%s slots=%d", self.name, self.device.label,
+                     self.slots)
+            self.app.worker_main([
+                "worker", "-P", "threads", "-c", str(self.slots), "-n", self.name,
+                "-Q", keys.celery_queue(self.spec.name), "-E", "--without-gossip",
+                "--without-mingle", "--loglevel", self.settings.log_level,
+            ])
+        finally:
+            hb_task.cancel()
+            self.loop.call(self.heartbeat.remove(), timeout_s=5)
+            self.loop.stop()
+            log.info("worker stopped worker=%s", self.name)
+
+    def _on_shutdown(self, **_: Any) -> None:
+        self.heartbeat.hb.state = "draining"
+        self.loop.spawn(self.heartbeat.publish())
+        log.info("worker draining worker=%s busy=%d", self.name, self._busy)
+
+
+def _set_torch_threads(n: int) -> None:
+    try:
+        import torch
+    except ImportError:  # a model without torch needs no thread setting
+        return
+    torch.set_num_threads(n)
+
+
+def main(settings: Settings, model: str, index: int) -> None:
+    specs = load_specs(settings.models)
+    Worker(settings, specs[model], index).run()

@@ -1,0 +1,190 @@
+"""Runs one batch of jobs through a loaded model: fetch, preprocess, predict, postprocess, store.
+
+Per-item failures fail only their job. A `predict` that raises for the whole batch is retried on
+halves until the failing item is alone, so its batch mates still succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from shared.model import InferenceModel, ModelContext
+from shared.modelspec import ModelSpec
+from shared.store import JobStore, Outcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What the batcher's Celery task carries: ids only, never payloads."""
+
+    model: str
+    batch_id: str
+    job_ids: list[str]
+    dispatched_ms: int = 0
+
+
+@dataclass
+class BatchReport:
+    """Sent back to the batcher (completion stream) and shown by tests."""
+
+    batch_id: str
+    rows: int
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    spans: dict[str, list[float]] = field(default_factory=dict)
+
+    def add_span(self, name: str, start: float, end: float) -> None:
+        self.spans[name] = [start, end]
+
+
+@dataclass
+class _Item:
+    job_id: str
+    attempts: int
+    created_ms: int
+    value: Any = None
+    error: dict[str, str] | None = None
+
+
+def _item_error(kind: str, exc: BaseException) -> dict[str, str]:
+    return {"type": kind, "message": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+class ModelRuntime:
+    """One loaded model in one worker process. `run_batch` may run for several batches at once
+    (one per Celery slot); only `predict_concurrency` predicts overlap."""
+
+    def __init__(self, spec: ModelSpec, ctx: ModelContext, store: JobStore) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.store = store
+        self.model: InferenceModel = spec.cls(**spec.params)
+        concurrency = spec.options.predict_concurrency
+        self._predict_slots = asyncio.Semaphore(concurrency)
+        self._predict_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="predict")
+        self._item_pool = ThreadPoolExecutor(4, thread_name_prefix="items")
+        self.predicts_running = 0
+
+    def load(self) -> None:
+        """Load weights; runs before the worker consumes any batch."""
+        started = time.monotonic()
+        self.model.load(self.ctx.device)
+        log.info("model loaded model=%s device=%s load_s=%.2f", self.spec.name, self.ctx.device,
+                 time.monotonic() - started)
+
+    async def run_batch(self, req: BatchRequest) -> BatchReport:
+        """Run the batch and write every job's final state (one round trip each way)."""
+        t0 = time.monotonic()
+        report = BatchReport(req.batch_id, rows=len(req.job_ids))
+        outcomes: list[Outcome] = []
+        items: list[_Item] = []
+        for st in await self.store.start(req.job_ids, self.ctx.worker_name, self.ctx.device):
+            if st.verdict == "run":
+                items.append(_Item(st.job_id, st.attempts, st.created_ms, st.input_json))
+            elif st.verdict == "poison":
+                await self.store.dead_letter(req.model, st.job_id, st.attempts, "attempts")
+                outcomes.append(Outcome(st.job_id, "failed", error={
+                    "type": "poison",
+                    "message": f"the job was attempted {st.attempts - 1} times and its worker "
+                               "died each time; moved to the dead-letter stream"}))
+            elif st.verdict == "expired":
+                outcomes.append(Outcome(st.job_id, "expired", error={
+                    "type": "expired", "message": "the job waited longer than its ttl_s"}))
+            else:
+                report.skipped += 1
+        started_ms = time.time() * 1000
+
+        await self._each(items, self._parse_and_preprocess, "preprocess_error")
+        report.add_span("preprocess", t0, time.monotonic())
+        live = [it for it in items if it.error is None]
+        p0 = time.monotonic()
+        results = await self._predict([it.value for it in live]) if live else []
+        report.add_span("predict", p0, time.monotonic())
+        for it, res in zip(live, results, strict=True):
+            if isinstance(res, BaseException):
+                it.error = _item_error("predict_error", res)
+            else:
+                it.value = res
+        q0 = time.monotonic()
+        await self._each(items, self._postprocess, "postprocess_error")
+        report.add_span("postprocess", q0, time.monotonic())
+
+        run_ms = round((time.monotonic() - t0) * 1000, 3)
+        for it in items:
+            metrics = {"queue_ms": round(max(0.0, started_ms - it.created_ms), 3),
+                       "run_ms": run_ms, "batch_size": len(items), "device": self.ctx.device}
+            if it.error is None:
+                outcomes.append(Outcome(it.job_id, "succeeded", output_json=it.value,
+                                        metrics=metrics))
+                report.ok += 1
+            else:
+                outcomes.append(Outcome(it.job_id, "failed", error=it.error, metrics=metrics))
+                report.failed += 1
+        if outcomes:
+            await self.store.finish(outcomes)
+        return report
+
+    async def _each(self, items: list[_Item], fn: Any, error_kind: str) -> None:
+        """Apply a per-item step concurrently; an exception fails that item only."""
+        loop = asyncio.get_running_loop()
+        todo = [it for it in items if it.error is None]
+        done = await asyncio.gather(*(loop.run_in_executor(self._item_pool, fn, it.value)
+                                      for it in todo), return_exceptions=True)
+        for it, value in zip(todo, done, strict=True):
+            if isinstance(value, BaseException):
+                kind = "invalid_input" if isinstance(value, ValidationError) else error_kind
+                it.error = _item_error(kind, value)
+            else:
+                it.value = value
+
+    def _parse_and_preprocess(self, raw: str) -> Any:
+        # The payload is parsed exactly once, here, straight into the model's Input type.
+        return self.model.preprocess(self.spec.cls.Input.model_validate_json(raw))
+
+    def _postprocess(self, result: Any) -> str:
+        out = self.model.postprocess(result)
+        if not isinstance(out, BaseModel):
+            out = self.spec.cls.Output.model_validate(out)
+        return out.model_dump_json()
+
+    async def _predict(self, batch: list[Any]) -> list[Any]:
+        """Predict the batch; on a whole-batch exception, bisect to isolate the bad items."""
+        try:
+            async with self._predict_slots:
+                self.predicts_running += 1
+                try:
+                    loop = asyncio.get_running_loop()
+                    out = await loop.run_in_executor(self._predict_pool, self.model.predict, batch)
+                finally:
+                    self.predicts_running -= 1
+            if len(out) != len(batch):
+                raise ValueError(f"predict returned {len(out)} results for {len(batch)} items")
+            return list(out)
+        except Exception as exc:  # the model's own failure: isolate it, never fail the batch
+            if len(batch) == 1:
+                return [exc]
+            mid = len(batch) // 2
+            log.info("predict failed, bisecting model=%s size=%d error=%s", self.spec.name,
+                     len(batch), type(exc).__name__)
+            return await self._predict(batch[:mid]) + await self._predict(batch[mid:])
+
+    def timeout_outcomes(self, req: BatchRequest) -> list[Outcome]:
+        limit = self.spec.options.batch_timeout_s
+        err = {"type": "timeout", "message": f"the batch ran past its time limit of {limit} s"}
+        return [Outcome(j, "failed", error=err) for j in req.job_ids]
+
+    def report_fields(self, report: BatchReport) -> dict[str, str]:
+        return {"batch": report.batch_id, "rows": str(report.rows), "ok": str(report.ok),
+                "failed": str(report.failed), "worker": self.ctx.worker_name,
+                "spans": json.dumps(report.spans)}
