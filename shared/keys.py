@@ -80,6 +80,15 @@ def stats(model: str) -> str:
 STATS_PREFIX = f"{PREFIX}:stats:"
 
 
+def webhooks() -> str:
+    """Stream of jobs whose final state must be POSTed to their webhook URL."""
+    return f"{PREFIX}:webhooks"
+
+
+WEBHOOK_GROUP = "webhooks"
+WEBHOOKS_MAXLEN = 100_000
+
+
 def scale_history(model: str) -> str:
     """List of the autoscaler's last decisions for a model, newest first."""
     return f"{PREFIX}:scale:{model}"

@@ -57,7 +57,8 @@ local rec = redis.call('HMGET', KEYS[1], 'input', 'created_ms')
 return {'run', attempts, rec[1], rec[2]}
 """
 
-# KEYS: job key. ARGV: status, ttl_ms, channel, group, stats key prefix, then field/value pairs.
+# KEYS: job key, webhook stream. ARGV: status, ttl_ms, channel, group, stats key prefix, then
+# field/value pairs.
 # Writes the final state unless one is already there, then acks and deletes the stream entry
 # either way (the entry's work is over). Returns 1 written, 0 already final, -1 record gone.
 FINISH = """
@@ -69,7 +70,12 @@ if cur[1] == 'queued' or cur[1] == 'running' then
   redis.call('HDEL', KEYS[1], 'input')
   redis.call('HINCRBY', ARGV[5] .. redis.call('HGET', KEYS[1], 'model'), ARGV[1], 1)
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-  redis.call('PUBLISH', ARGV[3], redis.call('HGET', KEYS[1], 'id'))
+  local id = redis.call('HGET', KEYS[1], 'id')
+  redis.call('PUBLISH', ARGV[3], id)
+  local hook = redis.call('HGET', KEYS[1], 'webhook')
+  if hook and hook ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'job', id)
+  end
   written = 1
 end
 if cur[2] then
@@ -79,7 +85,7 @@ end
 return written
 """
 
-# KEYS: job key. ARGV: owner, now_ms, ttl_ms, channel, group, stats key prefix.
+# KEYS: job key, webhook stream. ARGV: owner, now_ms, ttl_ms, channel, group, stats prefix.
 # Returns {'ok'} | {'final', status} | {'missing'}.
 CANCEL = """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'stream', 'entry', 'id')
@@ -91,6 +97,10 @@ redis.call('HDEL', KEYS[1], 'input')
 redis.call('HINCRBY', ARGV[6] .. redis.call('HGET', KEYS[1], 'model'), 'canceled', 1)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('PUBLISH', ARGV[4], cur[5])
+local hook = redis.call('HGET', KEYS[1], 'webhook')
+if hook and hook ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'job', cur[5])
+end
 if cur[3] then
   redis.call('XACK', cur[3], ARGV[5], cur[4])
   redis.call('XDEL', cur[3], cur[4])

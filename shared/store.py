@@ -128,7 +128,7 @@ class JobStore:
     async def cancel(self, job_id: str, owner: str = "") -> Job:
         """Cancel a queued or running job; Conflict when it is already final."""
         reply = await self._cancel(
-            keys=[keys.job(job_id)],
+            keys=[keys.job(job_id), keys.webhooks()],
             args=[owner, now_ms(), keys.CANCELED_TTL_S * 1000, keys.FINAL_CHANNEL,
                   keys.BATCHER_GROUP, keys.STATS_PREFIX],
         )
@@ -174,7 +174,7 @@ class JobStore:
             for name, value in (o.metrics or {}).items():
                 if value is not None:
                     fields += [name, value]
-            await self._finish(keys=[keys.job(o.job_id)],
+            await self._finish(keys=[keys.job(o.job_id), keys.webhooks()],
                          args=[o.status, self.result_ttl_ms, keys.FINAL_CHANNEL,
                                keys.BATCHER_GROUP, keys.STATS_PREFIX, *fields], client=pipe)
         return [int(r) == 1 for r in await pipe.execute()]
