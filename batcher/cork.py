@@ -68,6 +68,7 @@ class CorkPolicy:
         warmup_batches: int = 2,
         probe_rows: Iterable[int] = PROBE_ROWS,
         arrival_smoothing: float = 0.125,
+        overrun_quantile: float = 0.95,
     ) -> None:
         self._config = config
         self._clock = clock
@@ -82,6 +83,7 @@ class CorkPolicy:
             initial_b_s=guess_b,
             warmup=warmup_batches,
             refit_interval_s=refit_interval_s,
+            overrun_quantile=overrun_quantile,
         )
         self._arrivals = ArrivalRate(arrival_smoothing)
         counter = itertools.count(1)
@@ -183,7 +185,7 @@ class CorkPolicy:
     def _release_deadline(self, batch: list[Pending], rows: int) -> float:
         oldest = min(e.arrived_s for e in batch)
         extra = math.ceil(self._arrivals.rows_per_arrival)
-        return oldest + self._budget_s - self._model.predict(min(self._max_rows, rows + extra))
+        return oldest + self._budget_s - self._model.predict_high(min(self._max_rows, rows + extra))
 
     def _waiting_pays(self, now: float, free_slots: int, entries: int, rows: int) -> bool:
         """One-step look-ahead: release now, or wait for the next arrival and release both?
@@ -247,7 +249,7 @@ class CorkPolicy:
         order = list(self._queue.ordered(now))
         slots = [(now, now)] * min(max(0, free_slots), len(order))
         for f in self._in_flight.values():
-            end = max(now, f.dispatched_s + self._model.predict(f.rows))
+            end = max(now, f.dispatched_s + self._model.predict_high(f.rows))
             slots.append((end, end))
         heapq.heapify(slots)
         late: list[Pending] = []
@@ -256,7 +258,7 @@ class CorkPolicy:
             start, base = heapq.heappop(slots)
             while True:
                 batch = take_batch(order, self._max_rows)
-                done = start + self._model.predict(sum(e.rows for e in batch))
+                done = start + self._model.predict_high(sum(e.rows for e in batch))
                 missed = [e for e in batch if done > e.arrived_s + self._budget_s]
                 if not missed:
                     break

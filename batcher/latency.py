@@ -32,9 +32,11 @@ class LatencyModel:
 
     - The first `warmup` completions ever seen are discarded (compilation, cold caches).
     - Only the latest `window` samples count.
-    - Refits are lazy (on `observe`) and at most every `refit_interval_s` on the clock, with one
-      exception: the first time the window becomes identifiable it refits at once, so the
-      start-up probes take effect without waiting out the interval.
+    - Refits are lazy (on `observe`) and at most every `refit_interval_s` on the clock, with two
+      start-up exceptions: each of the first `eager_samples` kept samples refits at once (a line
+      through three probes is rough, and a rough line frozen for seconds sheds wrongly), and so
+      does the first sample that makes the window identifiable. Both happen a bounded number of
+      times over the model's life; `eager_samples=0` leaves only the second.
     - Constrained fit: if the free slope is <= 0 it is fixed at `min_a_s` and `b` refit; if the
       free intercept is < 0, `b` is 0 and the slope is refit through the origin.
     - Degenerate window (all batches about the same size): a line cannot be fitted. If an
@@ -54,6 +56,8 @@ class LatencyModel:
         warmup: int = 2,
         refit_interval_s: float = 2.0,
         min_a_s: float = 1e-6,
+        overrun_quantile: float = 0.95,
+        eager_samples: int = 10,
     ) -> None:
         self._clock = clock
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
@@ -65,6 +69,10 @@ class LatencyModel:
         self._fit = Fit(max(min_a_s, initial_a_s), max(0.0, initial_b_s), identifiable=False)
         self._ever_identifiable = False
         self._shape: Fit | None = None
+        self._overrun_q = overrun_quantile
+        self._eager = eager_samples
+        self._kept = 0
+        self._overrun = 1.0
 
     @property
     def a_s(self) -> float:
@@ -92,9 +100,19 @@ class LatencyModel:
     def seen(self) -> int:
         return self._seen
 
+    @property
+    def overrun(self) -> float:
+        """How much slower than predicted a slow batch runs: the `overrun_quantile` of
+        duration / prediction over the window at the last refit, at least 1."""
+        return self._overrun
+
     def predict(self, rows: int) -> float:
         """Expected duration in seconds of a batch of `rows` rows."""
         return self._fit.a_s * max(0, rows) + self._fit.b_s
+
+    def predict_high(self, rows: int) -> float:
+        """A duration that few batches of `rows` rows exceed (`predict` times `overrun`)."""
+        return self.predict(rows) * self._overrun
 
     def observe(self, rows: int, duration_s: float) -> None:
         """Record one completed batch; refit if due."""
@@ -104,9 +122,11 @@ class LatencyModel:
         if self._seen <= self._warmup:
             return
         self._samples.append((rows, duration_s))
+        self._kept += 1
         now = self._clock()
         due = self._last_refit_s is None or now - self._last_refit_s >= self._interval_s
-        if due or (not self._ever_identifiable and _spread(self._samples) >= MIN_ROW_SPREAD):
+        first_line = not self._ever_identifiable and _spread(self._samples) >= MIN_ROW_SPREAD
+        if due or self._kept <= self._eager or first_line:
             self.refit()
 
     def refit(self) -> None:
@@ -120,6 +140,9 @@ class LatencyModel:
             self._shape = self._fit
         else:
             self._fit = self._degenerate()
+        ratios = sorted(d / self.predict(n) for n, d in self._samples)
+        index = min(len(ratios) - 1, math.ceil(self._overrun_q * len(ratios)) - 1)
+        self._overrun = max(1.0, ratios[max(0, index)])
 
     def _least_squares(self) -> Fit:
         count = len(self._samples)

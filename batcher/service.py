@@ -68,8 +68,9 @@ class ModelBatcher:
         self.wake = asyncio.Event()
         self.reasons: Counter[str] = Counter()
         self.completed_rows: list[tuple[float, int]] = []
+        # Above the longest a healthy batch can hold its entries: its time limit, with margin.
         self.reclaim_idle_ms = int(1000 * max(settings.reclaim_idle_s,
-                                              opts.batch_timeout_s + 10))
+                                              opts.batch_timeout_s * 1.5))
 
     @property
     def lookahead_rows(self) -> int:
@@ -108,15 +109,15 @@ class ModelBatcher:
             await asyncio.wait_for(self._room.wait(), REFRESH_S)
 
     def _accept(self, entries: list[Entry]) -> None:
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         for e in entries:
             if e.entry_id in self.held:
                 continue
             self.held[e.entry_id] = e
             self.policy.add(Pending(
                 entry_id=e.entry_id, job_id=e.job_id, rows=e.rows, priority=e.priority,
-                arrived_s=mono_from_epoch_ms(e.submitted_ms, now),
-                expires_s=mono_from_epoch_ms(e.expires_ms, now) if e.expires_ms else None))
+                arrived_s=mono_from_epoch_ms(e.submitted_ms, now, wall),
+                expires_s=mono_from_epoch_ms(e.expires_ms, now, wall) if e.expires_ms else None))
         self.wake.set()
 
     async def _completion_loop(self) -> None:
@@ -159,7 +160,7 @@ class ModelBatcher:
             await asyncio.sleep(REFRESH_S)
 
     def _forget_lost(self, now: float) -> None:
-        limit = self.spec.options.batch_timeout_s + 5
+        limit = self.reclaim_idle_ms / 1000
         for batch_id, flight in list(self.in_flight.items()):
             if now - flight.dispatched_s > limit:
                 # No report will come (its worker died); its entries come back via reclaim.
@@ -192,11 +193,14 @@ class ModelBatcher:
     async def _step(self) -> float | None:
         """Act on every decision due now; returns how long to sleep (None: until an event)."""
         while True:
-            if self.retries and self.free_slots():
-                # Entries that were in flight when something died run alone: if one of them is
-                # what killed the worker, it takes down no batch mates next time.
-                await self._dispatch([self.retries.pop(0)], "retry")
-                continue
+            if self.retries or self._suspect_in_flight():
+                # Entries that were in flight when something died run one at a time with nothing
+                # else in flight: if one of them is what kills workers, it takes down no batch
+                # mates, and the jobs it shares a worker with are not charged an attempt.
+                if self.retries and not self.in_flight and self.free_slots():
+                    await self._dispatch([self.retries.pop(0)], "retry")
+                    continue
+                return None
             decision = self.policy.decide(self.free_slots())
             if isinstance(decision, Release):
                 entries = [self.held.pop(p.entry_id) for p in decision.entries
@@ -210,6 +214,9 @@ class ModelBatcher:
             if decision.until_s is None:
                 return None
             return max(0.0, decision.until_s - time.monotonic())
+
+    def _suspect_in_flight(self) -> bool:
+        return any(f.policy_batch_id is None for f in self.in_flight.values())
 
     async def _dispatch(self, entries: list[Entry], reason: str,
                         policy_batch_id: str | None = None) -> None:

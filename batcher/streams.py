@@ -12,7 +12,6 @@ when they have been idle longer than any healthy batch could run.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +148,7 @@ def stream_items(reply: object) -> list[tuple[str, list[tuple[str, dict[str, str
     return [(s, e) for s, e in reply]  # type: ignore[attr-defined]
 
 
-def mono_from_epoch_ms(epoch_ms: float, mono_now: float) -> float:
-    """Map a wall-clock epoch time onto the monotonic clock (for budgets that start at submit)."""
-    return mono_now - (time.time() - epoch_ms / 1000)
+def mono_from_epoch_ms(epoch_ms: float, mono_now: float, wall_now: float) -> float:
+    """Map a wall-clock epoch time onto the monotonic clock (for budgets that start at submit).
+    Callers read both clocks once per batch of entries, so equal submit times stay equal."""
+    return mono_now - (wall_now - epoch_ms / 1000)

@@ -20,6 +20,7 @@ from gateway.auth import ApiKeys
 from gateway.metrics import GatewayMetrics
 from gateway.views import model_info
 from gateway.waiters import CompletionWaiters
+from gateway.webhooks import READ_BLOCK_S, WebhookDeliverer
 from shared.errors import AsyncInferError, InvalidInput, NotFound, QueueFull, Unavailable
 from shared.jobs import FINAL_STATUSES, Job, JobMetrics, iso
 from shared.modelspec import ModelSpec, load_specs
@@ -52,11 +53,14 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
                          max_attempts=settings.max_attempts)
         waiters = CompletionWaiters(connect(settings, block_s=3600))
         waiters.start()
+        webhooks = WebhookDeliverer(connect(settings, block_s=READ_BLOCK_S), settings)
+        webhooks.start()
         app.state.deps = Deps(settings, specs, store, waiters, ApiKeys(settings.api_keys),
                               GatewayMetrics(redis, specs))
         log.info("gateway started models=%s auth=%s", ",".join(specs),
                  app.state.deps.keys.enabled)
         yield
+        await webhooks.stop()
         await waiters.stop()
         await redis.aclose()
 

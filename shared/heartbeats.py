@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -37,6 +37,7 @@ class Heartbeat:
     busy: int = 0
     pid: int = 0
     host: str = ""
+    cores: list[int] = field(default_factory=list)
     expires_ms: int = 0
 
 
@@ -66,6 +67,8 @@ class HeartbeatPublisher:
         self.interval_s = interval_s
         self.hb.pid = os.getpid()
         self.hb.host = socket.gethostname()
+        if hasattr(os, "sched_getaffinity"):
+            self.hb.cores = sorted(os.sched_getaffinity(0))
 
     async def publish(self) -> None:
         self.hb.expires_ms = int((time.time() + self.interval_s * keys.HEARTBEAT_TTL_FACTOR)

@@ -97,3 +97,21 @@ def scale_history(model: str) -> str:
 def celery_queue(model: str) -> str:
     """Celery queue the workers of one model consume."""
     return f"{PREFIX}.batches.{model}"
+
+
+# A webhook's delivery state lives this long after its last write (far past any retry schedule).
+WEBHOOK_STATE_TTL_S = 86_400
+# How long a delivered webhook stays marked done: longer than any second holder of its stream
+# entry (one that reclaimed it from a stalled deliverer) could take to try it.
+WEBHOOK_DONE_TTL_S = 600
+
+
+def webhook_delivery(job_id: str) -> str:
+    """Hash of one job's webhook delivery: attempts made and when the next one is due (ms), so a
+    deliverer that reclaims the entry keeps the schedule instead of starting it over."""
+    return f"{PREFIX}:whd:{job_id}"
+
+
+def webhook_lock(job_id: str) -> str:
+    """Held (with an expiry) while one POST of the job's webhook is in flight: one at a time."""
+    return f"{PREFIX}:whl:{job_id}"

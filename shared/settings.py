@@ -50,3 +50,15 @@ class Settings(BaseSettings):
     log_dir: str | None = Field(None, description="Where the local launcher writes worker logs.")
     webhook_secret: str = "change-me"
     log_level: str = "INFO"
+
+    webhook_max_attempts: int = Field(
+        5, ge=1, description="HTTP attempts per webhook before it is given up."
+    )
+    webhook_backoff_s: float = Field(
+        1.0, gt=0, description="Delay before a webhook's first retry; doubles per attempt."
+    )
+    webhook_max_backoff_s: float = Field(300.0, gt=0, description="Cap on one retry delay.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one webhook POST.")
+    webhook_concurrency: int = Field(
+        16, ge=1, description="Webhook POSTs in flight at once per gateway process."
+    )

@@ -32,7 +32,7 @@ from shared.settings import Settings
 from shared.store import JobStore
 from workers import context
 from workers.loop import LoopThread
-from workers.runtime import BatchRequest, ModelRuntime
+from workers.runtime import BatchRequest, BatchTimeout, ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class Worker:
         self.settings = settings
         self.spec = spec
         self.device = device_for(parse_devices(settings.devices), index)
+        # Before any thread exists: Linux affinity is per thread and inherited at creation.
+        self.threads = pin(self.device)
         self.name = f"{spec.name}-{index}@{socket.gethostname()}"
         self.slots = spec.options.predict_concurrency + 1
         self.loop = LoopThread()
@@ -92,15 +94,18 @@ class Worker:
     async def _run(self, req: BatchRequest) -> dict[str, Any]:
         limit_s = self.spec.options.batch_timeout_s
         try:
-            report = await asyncio.wait_for(self.runtime.run_batch(req), limit_s)
-        except TimeoutError:
+            # predict has its own limit (runtime.BatchTimeout); this outer one also bounds a
+            # hung preprocess/postprocess and the wait for a predict slot.
+            report = await asyncio.wait_for(self.runtime.run_batch(req),
+                                            limit_s * (self.slots + 1))
+        except (TimeoutError, BatchTimeout):
             await self.store.finish(self.runtime.timeout_outcomes(req))
             log.error("batch time limit batch=%s model=%s limit_s=%s", req.batch_id,
                       req.model, limit_s)
             deadline = time.monotonic() + STUCK_GRACE_S
-            while self.runtime.predicts_running and time.monotonic() < deadline:
+            while self.runtime.stuck and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if self.runtime.predicts_running:
+            if self.runtime.stuck:
                 log.error("predict stuck past time limit; exiting for restart worker=%s",
                           self.name)
                 await self.heartbeat.remove()
@@ -113,12 +118,11 @@ class Worker:
 
     def run(self) -> None:
         """Load, then serve until a warm shutdown (SIGTERM: stop taking batches, finish, exit)."""
-        threads = pin(self.device)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
         hb_task = self.loop.spawn(self.heartbeat.run())
         self.loop.call(self.heartbeat.publish())
         try:
-            _set_torch_threads(threads)
+            _set_torch_threads(self.threads)
             self.runtime.load()
             self.heartbeat.hb.state = "ready"
             self.loop.call(self.heartbeat.publish())

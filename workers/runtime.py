@@ -7,6 +7,7 @@ halves until the failing item is alone, so its batch mates still succeed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -42,10 +43,12 @@ class BatchReport:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
-    spans: dict[str, list[float]] = field(default_factory=dict)
+    # Stage -> [start, end] intervals on the machine-wide monotonic clock (predict may run
+    # several times when a failing batch is bisected).
+    spans: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def add_span(self, name: str, start: float, end: float) -> None:
-        self.spans[name] = [start, end]
+        self.spans.setdefault(name, []).append([start, end])
 
 
 @dataclass
@@ -55,6 +58,10 @@ class _Item:
     created_ms: int
     value: Any = None
     error: dict[str, str] | None = None
+
+
+class BatchTimeout(Exception):
+    """A predict ran past the model's time limit (waiting for a predict slot does not count)."""
 
 
 def _item_error(kind: str, exc: BaseException) -> dict[str, str]:
@@ -74,7 +81,7 @@ class ModelRuntime:
         self._predict_slots = asyncio.Semaphore(concurrency)
         self._predict_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="predict")
         self._item_pool = ThreadPoolExecutor(4, thread_name_prefix="items")
-        self.predicts_running = 0
+        self.abandoned: list[concurrent.futures.Future[Any]] = []
 
     def load(self) -> None:
         """Load weights; runs before the worker consumes any batch."""
@@ -108,9 +115,7 @@ class ModelRuntime:
         await self._each(items, self._parse_and_preprocess, "preprocess_error")
         report.add_span("preprocess", t0, time.monotonic())
         live = [it for it in items if it.error is None]
-        p0 = time.monotonic()
-        results = await self._predict([it.value for it in live]) if live else []
-        report.add_span("predict", p0, time.monotonic())
+        results = await self._predict([it.value for it in live], report) if live else []
         for it, res in zip(live, results, strict=True):
             if isinstance(res, BaseException):
                 it.error = _item_error("predict_error", res)
@@ -158,26 +163,42 @@ class ModelRuntime:
             out = self.spec.cls.Output.model_validate(out)
         return out.model_dump_json()
 
-    async def _predict(self, batch: list[Any]) -> list[Any]:
+    async def _predict(self, batch: list[Any], report: BatchReport) -> list[Any]:
         """Predict the batch; on a whole-batch exception, bisect to isolate the bad items."""
         try:
             async with self._predict_slots:
-                self.predicts_running += 1
+                p0 = time.monotonic()
                 try:
-                    loop = asyncio.get_running_loop()
-                    out = await loop.run_in_executor(self._predict_pool, self.model.predict, batch)
+                    work = self._predict_pool.submit(self.model.predict, batch)
+                    try:
+                        out = await asyncio.wait_for(asyncio.wrap_future(work),
+                                                     self.spec.options.batch_timeout_s)
+                    except TimeoutError:
+                        # The thread cannot be stopped; remember it so the process can tell
+                        # whether it finishes on its own or the worker must be restarted.
+                        self.abandoned.append(work)
+                        raise BatchTimeout(self.spec.options.batch_timeout_s) from None
                 finally:
-                    self.predicts_running -= 1
+                    report.add_span("predict", p0, time.monotonic())
             if len(out) != len(batch):
                 raise ValueError(f"predict returned {len(out)} results for {len(batch)} items")
             return list(out)
+        except BatchTimeout:
+            raise
         except Exception as exc:  # the model's own failure: isolate it, never fail the batch
             if len(batch) == 1:
                 return [exc]
             mid = len(batch) // 2
             log.info("predict failed, bisecting model=%s size=%d error=%s", self.spec.name,
                      len(batch), type(exc).__name__)
-            return await self._predict(batch[:mid]) + await self._predict(batch[mid:])
+            return (await self._predict(batch[:mid], report)
+                    + await self._predict(batch[mid:], report))
+
+    @property
+    def stuck(self) -> bool:
+        """A predict that ran past its time limit is still running."""
+        self.abandoned = [f for f in self.abandoned if not f.done()]
+        return bool(self.abandoned)
 
     def timeout_outcomes(self, req: BatchRequest) -> list[Outcome]:
         limit = self.spec.options.batch_timeout_s

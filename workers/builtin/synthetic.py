@@ -21,6 +21,7 @@ class SyntheticInput(BaseModel):
     x: float = Field(description="Any number; the output is 2·x.")
     fail: Literal["preprocess", "predict", "postprocess", "kill", "hang"] | None = None
     sleep_s: float = Field(0.0, ge=0, le=60, description="Extra predict time for this item.")
+    pre_sleep_s: float = Field(0.0, ge=0, le=60, description="Preprocess time for this item.")
 
 
 class SyntheticOutput(BaseModel):
@@ -41,6 +42,7 @@ class SyntheticModel(InferenceModel):
     def preprocess(self, item: SyntheticInput) -> SyntheticInput:
         if item.fail == "preprocess":
             raise ValueError("synthetic preprocess failure")
+        time.sleep(item.pre_sleep_s)
         return item
 
     def predict(self, batch: list[SyntheticInput]) -> list[Any]:

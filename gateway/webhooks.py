@@ -1,0 +1,311 @@
+"""Webhook delivery: POST each finished job's public JSON to the URL it was submitted with.
+
+The FINISH and CANCEL scripts append `{job: id}` to `keys.webhooks()` when a job with a webhook
+reaches a final state. Every gateway process runs one `WebhookDeliverer` in the stream's consumer
+group, so each entry goes to one deliverer. An entry stays pending until its webhook is delivered
+or given up: the entries of a deliverer that died are reclaimed by the others (XAUTOCLAIM), and
+because the attempt count and next due time live in Redis, a reclaimed entry goes on with its
+schedule instead of starting over. Delivery never touches the job record.
+
+Bodies are signed Stripe-style: `X-Asyncinfer-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of
+"<t>.<body>" keyed with settings.webhook_secret>`. Receivers check it with `verify_signature`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import socket
+import time
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from shared import keys
+from shared.jobs import FINAL_STATUSES, from_hash, now_ms
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Asyncinfer-Signature"
+READ_BLOCK_S = 2.0  # longest XREADGROUP block; the client's socket timeout must exceed it
+MAX_HELD = 1000  # entries one deliverer holds (due, backing off, in flight); the rest stay in Redis
+STALE_CONSUMER_S = 3600  # consumers of gone gateways, with nothing pending, are dropped after this
+REDIS_RETRY_S = 1.0
+
+
+def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """The X-Asyncinfer-Signature value for `body`, stamped `timestamp` (default: now)."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify_signature(secret: str, header: str, body: bytes | str, tolerance_s: float = 300.0,
+                     *, now: float | None = None) -> bool:
+    """Whether `header` signs `body` with `secret` and was stamped within `tolerance_s` of now.
+
+    Pass the raw request body as received: re-serialised JSON has other bytes. Several `v1=`
+    values are accepted (as when a sender signs with an old and a new secret during rotation).
+    """
+    stamp, macs = None, []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit():
+            stamp = int(value)
+        elif name == "v1" and value:
+            macs.append(value)
+    current = time.time() if now is None else now
+    if stamp is None or not macs or abs(current - stamp) > tolerance_s:
+        return False  # the tolerance is what makes a captured request useless for replays
+    raw = body.encode() if isinstance(body, str) else body
+    expected = sign(secret, raw, stamp).partition(",v1=")[2]
+    return any(hmac.compare_digest(expected, m) for m in macs)
+
+
+def verdict_of(status: int) -> str:
+    """'delivered' (2xx), 'retry' (408, 429, 5xx) or 'final' (any other answer: 3xx, 4xx)."""
+    if 200 <= status < 300:
+        return "delivered"
+    return "retry" if status in (408, 429) or status >= 500 else "final"
+
+
+def _retry_after_s(value: str | None) -> float:
+    try:
+        return max(0.0, float(value or 0))
+    except ValueError:  # the HTTP-date form: the exponential schedule applies
+        return 0.0
+
+
+class WebhookDeliverer:
+    """Delivers the webhooks stream in one gateway process: `start()`, later `await stop()`."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings,
+                 http: httpx.AsyncClient | None = None) -> None:
+        self.redis = redis  # its socket timeout must exceed READ_BLOCK_S (redisconn.connect)
+        self.s = settings
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.http = http or httpx.AsyncClient(
+            timeout=settings.webhook_timeout_s, follow_redirects=False,
+            limits=httpx.Limits(max_connections=settings.webhook_concurrency),
+            headers={"user-agent": "asyncinfer-webhooks/0.1"})
+        self.stream = keys.webhooks()
+        self._held: dict[str, str] = {}  # entry id -> job id: every entry this deliverer owns
+        self._due: dict[str, float] = {}  # entry id -> loop time of its next attempt
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()  # an entry arrived or a delivery ended
+        self._room = asyncio.Event()  # an entry was released: the reader may read more
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="webhook-deliverer")
+        self._task.add_done_callback(_report_crash)
+
+    async def stop(self) -> None:
+        """Stop reading and posting; hand held entries to the other deliverers at once."""
+        tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            if self._held:  # IDLE makes them look abandoned now, not after reclaim_idle_s
+                await self.redis.xclaim(self.stream, keys.WEBHOOK_GROUP, self.consumer, 0,
+                                        list(self._held), idle=self._idle_ms(), justid=True)
+        await self.http.aclose()
+        await self.redis.aclose()
+        log.info("webhook deliverer stopped consumer=%s handed_off=%d", self.consumer,
+                 len(self._held))
+
+    async def _run(self) -> None:
+        log.info("webhook deliverer started consumer=%s concurrency=%d max_attempts=%d",
+                 self.consumer, self.s.webhook_concurrency, self.s.webhook_max_attempts)
+        while True:
+            try:
+                with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+                    await self.redis.xgroup_create(self.stream, keys.WEBHOOK_GROUP, id="0",
+                                                   mkstream=True)
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._read_loop())
+                    group.create_task(self._schedule_loop())
+            except* (RedisError, OSError) as errors:
+                log.warning("webhook deliverer reconnecting error=%r", errors.exceptions[0])
+                await asyncio.sleep(REDIS_RETRY_S)
+
+    def _idle_ms(self) -> int:
+        return int(self.s.reclaim_idle_s * 1000)
+
+    def _hold(self, entry_id: str, job_id: str, delay_s: float) -> None:
+        if entry_id not in self._held:
+            self._held[entry_id] = job_id
+            self._due[entry_id] = asyncio.get_running_loop().time() + delay_s
+            self._wake.set()
+
+    async def _read_loop(self) -> None:
+        while True:
+            self._room.clear()
+            if len(self._held) >= MAX_HELD:  # backpressure: the backlog stays in the stream
+                await self._room.wait()
+                continue
+            reply: Any = await self.redis.xreadgroup(
+                keys.WEBHOOK_GROUP, self.consumer, {self.stream: ">"},
+                count=min(100, MAX_HELD - len(self._held)), block=int(READ_BLOCK_S * 1000))
+            batches = reply.values() if isinstance(reply, dict) else [e for _, e in reply or []]
+            for entries in batches:
+                for entry_id, fields in entries:
+                    self._hold(entry_id, (fields or {}).get("job", ""), 0.0)
+
+    async def _schedule_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        upkeep_every_s = max(0.2, self.s.reclaim_idle_s / 3)
+        next_upkeep = 0.0
+        while True:
+            if loop.time() >= next_upkeep:
+                await self._upkeep()
+                next_upkeep = loop.time() + upkeep_every_s
+            self._wake.clear()
+            now = loop.time()
+            for entry_id, due in sorted(self._due.items(), key=lambda kv: kv[1]):
+                if due > now or len(self._inflight) >= self.s.webhook_concurrency:
+                    break
+                del self._due[entry_id]
+                self._inflight[entry_id] = asyncio.create_task(
+                    self._deliver(entry_id, self._held[entry_id]))
+            # With every slot busy only a finished delivery (the event) can start another.
+            free = len(self._inflight) < self.s.webhook_concurrency
+            until = min([next_upkeep, *(self._due.values() if free else ())])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, until - loop.time()))
+
+    async def _upkeep(self) -> None:
+        """Keep our entries from looking idle, take over idle ones of dead deliverers, and drop
+        consumers of gateways long gone."""
+        held: list[Any] = list(self._held)
+        for i in range(0, len(held), 500):
+            await self.redis.xclaim(self.stream, keys.WEBHOOK_GROUP, self.consumer, 0,
+                                    held[i:i + 500], justid=True)
+        cursor, taken = "0-0", 0
+        while len(self._held) < MAX_HELD:
+            reply: Any = await self.redis.xautoclaim(
+                self.stream, keys.WEBHOOK_GROUP, self.consumer, self._idle_ms(), cursor,
+                count=min(100, MAX_HELD - len(self._held)))
+            cursor, claimed = reply[0], [(i, f) for i, f in reply[1] if f]
+            pipe = self.redis.pipeline(transaction=False)
+            for _, fields in claimed:
+                pipe.hget(keys.webhook_delivery(fields.get("job", "")), "next_ms")
+            nexts = await pipe.execute()
+            for (entry_id, fields), next_ms in zip(claimed, nexts, strict=True):
+                self._hold(entry_id, fields.get("job", ""),
+                           max(0.0, (int(next_ms or 0) - now_ms()) / 1000))
+            taken += len(claimed)
+            if cursor in ("0-0", b"0-0"):
+                break
+        if taken:
+            log.info("webhook entries reclaimed consumer=%s count=%d", self.consumer, taken)
+        for c in await self.redis.xinfo_consumers(self.stream, keys.WEBHOOK_GROUP):
+            if (c["name"] != self.consumer and int(c["pending"]) == 0
+                    and int(c["idle"]) > STALE_CONSUMER_S * 1000):
+                await self.redis.xgroup_delconsumer(self.stream, keys.WEBHOOK_GROUP, c["name"])
+
+    async def _deliver(self, entry_id: str, job_id: str) -> None:
+        delay: float | None
+        try:
+            delay = await self._attempt(entry_id, job_id)
+            if delay is None:
+                await self._release(entry_id, job_id)
+        except (RedisError, OSError) as exc:
+            delay = REDIS_RETRY_S
+            log.warning("webhook attempt deferred job=%s error=%r", job_id, exc)
+        except Exception:  # a bug must not strand the entry; attempts are counted, so bounded
+            delay = REDIS_RETRY_S
+            log.exception("webhook attempt crashed job=%s", job_id)
+        finally:
+            self._inflight.pop(entry_id, None)
+            self._wake.set()
+        if delay is None:
+            del self._held[entry_id]
+            self._room.set()
+        else:
+            self._due[entry_id] = asyncio.get_running_loop().time() + delay
+
+    async def _attempt(self, entry_id: str, job_id: str) -> float | None:
+        """At most one POST; returns the delay before the next one, or None when the entry is
+        done (delivered, given up, or nothing left to deliver)."""
+        lock = keys.webhook_lock(job_id)
+        lock_ms = int((self.s.webhook_timeout_s + 5) * 1000)
+        if not await self.redis.set(lock, self.consumer, nx=True, px=lock_ms):
+            return self.s.webhook_timeout_s  # another deliverer is posting it right now
+        try:
+            return await self._post(entry_id, job_id)
+        finally:
+            await self.redis.delete(lock)
+
+    async def _post(self, entry_id: str, job_id: str) -> float | None:
+        state = keys.webhook_delivery(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.job(job_id))
+        pipe.hget(state, "done")
+        # Counted before the POST, so an attempt cut short by a crash still counts.
+        pipe.hincrby(state, "attempts", 1)
+        pipe.expire(state, keys.WEBHOOK_STATE_TTL_S)
+        fields, done, attempts, _ = await pipe.execute()
+        if done:
+            return None
+        url, cap = fields.get("webhook"), self.s.webhook_max_attempts
+        if not url or fields.get("status") not in FINAL_STATUSES or attempts > cap:
+            log.warning("webhook gave up job=%s attempts=%d reason=%s", job_id, attempts - 1,
+                        "attempts_exhausted" if url else "job_gone")
+            return None
+        body = json.dumps(from_hash(fields).public(), separators=(",", ":")).encode()
+        headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(
+            self.s.webhook_secret, body), "x-asyncinfer-job": job_id,
+            "x-asyncinfer-delivery": entry_id, "x-asyncinfer-attempt": str(attempts)}
+        started, retry_after = time.monotonic(), 0.0
+        try:
+            async with self.http.stream("POST", url, content=body, headers=headers) as response:
+                verdict, detail = verdict_of(response.status_code), f"status={response.status_code}"
+                retry_after = _retry_after_s(response.headers.get("retry-after"))
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            verdict, detail = "final", f"error={type(exc).__name__}"
+        except httpx.HTTPError as exc:  # timeouts, refused connections: the receiver may recover
+            verdict, detail = "retry", f"error={type(exc).__name__}"
+        took_ms = (time.monotonic() - started) * 1000
+        if verdict == "delivered":
+            log.info("webhook delivered job=%s attempt=%d %s ms=%.0f", job_id, attempts, detail,
+                     took_ms)
+            return None
+        if verdict == "retry" and attempts < cap:
+            delay = self._backoff(attempts, retry_after)
+            await self.redis.hset(state, "next_ms", now_ms() + int(delay * 1000))
+            log.info("webhook retry job=%s attempt=%d/%d %s delay_s=%.2f", job_id, attempts, cap,
+                     detail, delay)
+            return delay
+        log.warning("webhook gave up job=%s attempts=%d %s", job_id, attempts, detail)
+        return None
+
+    def _backoff(self, attempts: int, floor_s: float) -> float:
+        cap = self.s.webhook_max_backoff_s
+        delay = min(cap, self.s.webhook_backoff_s * 2 ** (attempts - 1))
+        # Jitter spreads the retries of many jobs that failed together (one receiver outage).
+        return float(min(cap, max(floor_s, delay * random.uniform(0.5, 1.0))))
+
+    async def _release(self, entry_id: str, job_id: str) -> None:
+        state = keys.webhook_delivery(job_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(self.stream, keys.WEBHOOK_GROUP, entry_id)
+        pipe.xdel(self.stream, entry_id)
+        pipe.hset(state, "done", 1)
+        pipe.expire(state, keys.WEBHOOK_DONE_TTL_S)
+        await pipe.execute()
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("webhook deliverer crashed error=%r", exc, exc_info=exc)
