@@ -30,6 +30,14 @@ def cork_policy(config: PolicyConfig) -> BatchingPolicy:
     return CorkPolicy(config, time.monotonic)
 
 
+def _dump_tasks() -> None:
+    """SIGUSR1: log where every task is waiting (for diagnosing a stuck batcher)."""
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=8)
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+        log.info("task name=%s at=%s", task.get_name(), where)
+
+
 async def _run(make: Callable[[], ModelBatcher]) -> None:
     # A fresh batcher each time the lease is won: no state survives a lost leadership.
     await make().run()
@@ -47,6 +55,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     log.info("batcher starting consumer=%s models=%s", consumer, ",".join(specs))
     tasks: list[asyncio.Task[None]] = []
     for spec in specs.values():

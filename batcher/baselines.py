@@ -4,8 +4,10 @@
 - `FixedWindow`: wait up to a fixed time from the oldest request, or until the batch is full
   (Ray Serve's `batch_wait_timeout_s`, Triton's `max_queue_delay`).
 - `ReferenceCork`: BentoML's CorkDispatcher, re-implemented from its documented rules, one
-  dispatcher per worker with requests spread round-robin (each BentoML worker process has its
-  own queue and at most one batch in flight).
+  dispatcher per worker (each BentoML worker process has its own queue and at most one batch
+  in flight). The workers share one listening socket and the kernel hands each connection to
+  whichever process accepts it, so requests reach a worker at random (seeded); round-robin, the
+  most even spread any deployment could get, is available for comparison.
 
 The baselines are FIFO and ignore priorities. NoBatching and FixedWindow drop expired entries;
 ReferenceCork, like the original, knows no expiry and keeps canceled requests (it computes them).
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -68,7 +72,8 @@ class _Fifo:
         return self._queue.rows
 
     def snapshot(self) -> PolicySnapshot:
-        return PolicySnapshot(None, None, 0.0, len(self._in_flight), self._queue.rows, len(self._queue))
+        queue = self._queue
+        return PolicySnapshot(None, None, 0.0, len(self._in_flight), queue.rows, len(queue))
 
     def _expired(self) -> Shed | None:
         expired = self._queue.pop_expired(self._clock())
@@ -203,8 +208,12 @@ class _Sent:
 class ReferenceCork:
     """BentoML's CorkDispatcher rules, `workers` independent dispatchers (see module docstring).
 
-    Deviations, all irrelevant for one-row requests: entries are never split across batches
-    (the original splits a request that overflows `max_batch_size`)."""
+    Faithful to the faults: the fit counts requests, not rows; the average wait decays; the shed
+    estimate ignores the batch in flight and counts the whole queue; a lone request is never
+    shed while its worker is idle; it polls every millisecond (a wake-up per tick while corked or
+    busy; arrivals do not wake a sleeping dispatcher). One deviation, irrelevant for one-row
+    requests: an entry is never split across batches (the original splits one that overflows
+    `max_batch_size`)."""
 
     def __init__(
         self,
@@ -213,6 +222,8 @@ class ReferenceCork:
         id_factory: Callable[[], str] | None = None,
         *,
         workers: int = 1,
+        assign: Literal["random", "round_robin"] = "random",
+        seed: int = 0,
     ) -> None:
         self._clock = clock
         self._budget_s = config.max_latency_ms / 1000.0
@@ -220,14 +231,20 @@ class ReferenceCork:
         self._dispatchers = [
             _Dispatcher(_Optimizer(self._budget_s, clock)) for _ in range(max(1, workers))
         ]
-        self._next_shard = itertools.cycle(range(len(self._dispatchers)))
+        count = len(self._dispatchers)
+        rng = random.Random(seed)
+        self._next_shard: Callable[[], int] = (
+            (lambda: rng.randrange(count))
+            if assign == "random"
+            else itertools.cycle(range(count)).__next__
+        )
         self._sent: dict[str, _Sent] = {}
         counter = itertools.count(1)
         self._new_id = id_factory or (lambda: f"batch-{next(counter)}")
         self._warned = False
 
     def add(self, item: Pending) -> None:
-        self._dispatchers[next(self._next_shard)].queue.append(item)
+        self._dispatchers[self._next_shard()].queue.append(item)
 
     def remove(self, entry_ids: Iterable[str]) -> list[Pending]:
         return []  # the reference never drops a canceled request: it is computed anyway
@@ -256,39 +273,36 @@ class ReferenceCork:
             decision = self._step(d, now, free_slots)
             if decision is not None:
                 return decision
-            wake = d.asleep_until if wake is None else min(wake, d.asleep_until or wake)
+            asleep = now + TICK_S
+            wake = asleep if wake is None else min(wake, asleep)
         return Wait(wake)
 
     def _step(self, d: _Dispatcher, now: float, free_slots: int) -> Release | Shed | None:
+        """One pass of the dispatcher's loop; None: it sleeps one tick."""
         n = len(d.queue)
         w0 = now - d.queue[0].arrived_s
         a, b, budget = d.optimizer.o_a, d.optimizer.o_b, self._budget_s
+        corked: bool
         if d.phase < len(TRAINING):
             required, _, k, _ = TRAINING[d.phase]
             k = min(k, self._max_rows)
             if n > required - d.done and w0 >= budget:
                 return Shed((d.queue.popleft(),), "overloaded")
-            if (k > 1 and n < k and k * a + b + w0 <= d.target) or d.in_flight is not None:
-                return self._sleep(d, now)
-            return self._release(d, now, free_slots, training=True)
-        if n > 1 and w0 + a * n + b >= budget:
-            return Shed((d.queue.popleft(),), "overloaded")
-        if d.in_flight is not None:
-            if n == 1 and w0 >= budget:
+            corked = (k > 1 and n < k and k * a + b + w0 <= d.target) or d.in_flight is not None
+        else:
+            if n > 1 and w0 + a * n + b >= budget:
                 return Shed((d.queue.popleft(),), "overloaded")
-            return self._sleep(d, now)
-        wn = now - d.queue[-1].arrived_s
-        if n < self._max_rows and n * (wn + TICK_S + a) <= DECAY * d.optimizer.wait:
-            return self._sleep(d, now)
-        return self._release(d, now, free_slots, training=False)
+            if d.in_flight is not None and n == 1 and w0 >= budget:
+                return Shed((d.queue.popleft(),), "overloaded")
+            wn = now - d.queue[-1].arrived_s
+            cork = n < self._max_rows and n * (wn + TICK_S + a) <= DECAY * d.optimizer.wait
+            corked = d.in_flight is not None or cork
+        if corked or free_slots <= 0:
+            d.asleep_until = now + TICK_S
+            return None
+        return self._release(d, now, training=d.phase < len(TRAINING))
 
-    def _sleep(self, d: _Dispatcher, now: float) -> None:
-        d.asleep_until = now + TICK_S
-        return None
-
-    def _release(self, d: _Dispatcher, now: float, free_slots: int, training: bool) -> Release | None:
-        if free_slots <= 0:
-            return self._sleep(d, now)
+    def _release(self, d: _Dispatcher, now: float, training: bool) -> Release:
         batch = take_batch(d.queue, self._max_rows)
         for _ in batch:
             d.queue.popleft()
@@ -311,7 +325,8 @@ class ReferenceCork:
         opt = d.optimizer
         if d.phase < len(TRAINING):
             k = min(TRAINING[d.phase][2], self._max_rows)
-            d.target = 0.0 if k == 1 else min(0.95 * self._budget_s, (2 * k + 1) * opt.o_a + opt.o_b)
+            target = min(0.95 * self._budget_s, (2 * k + 1) * opt.o_a + opt.o_b)
+            d.target = 0.0 if k == 1 else target
         elif opt.o_a + opt.o_b >= self._budget_s and not self._warned:
             self._warned = True
             log.warning("max latency likely too low for this model (a + b >= max latency)")

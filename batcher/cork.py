@@ -1,21 +1,21 @@
 """The CORK batching policy: when to release a batch, and which requests to fail under overload.
 
-Rules, in the order `decide` applies them:
+`decide` applies these rules in order:
 
-1. Requests whose `expires_s` has passed are returned as `Shed(reason="expired")`.
-2. With `on_overload="shed"` (once the latency model is calibrated), every queued request whose
-   estimated completion is past its budget is returned as `Shed(reason="overloaded")`. The
-   estimate plans the whole queue onto the worker slots in dispatch order: free slots start now,
-   busy ones when their in-flight batch is predicted to end.
-3. No free slot: wait for an event (or for the time a shed or expiry falls due).
-4. Start-up probes: the first batches are capped at 1, 1 (warm-up), 1, 2, 3 rows so the fit of
-   `a·rows + b` sees different sizes. Probes never hold requests back.
+1. Requests whose `expires_s` has passed come back as `Shed(reason="expired")`.
+2. With `on_overload="shed"` and a calibrated model, requests that cannot make their budget come
+   back as `Shed(reason="overloaded")`, oldest first. The estimate plans the whole queue onto
+   the slots in dispatch order: free slots start now, busy ones when their in-flight batch is
+   predicted to end, and each planned batch takes its pessimistic duration (`predict_high`).
+3. No free slot: wait for an event, or for the instant a shed or an expiry falls due.
+4. Start-up probes: the first batches are capped at 1, 1 (warm-up), 1, 2, 3 rows so that the fit
+   of `a*rows + b` sees different sizes. A probe never holds requests back.
 5. Release at once when the queue holds `max_batch_size` rows, or when waiting any longer would
-   push the oldest request of the batch past `max_latency_ms` (counting the predicted duration of
-   the batch with one more arrival in it).
-6. Otherwise wait only while it is expected to pay (see `_waiting_pays`), and say exactly when
-   the answer will change: `Wait(until_s)` is the earliest of the latency deadline, the time the
-   gain turns negative, and the next shed or expiry.
+   push the oldest request of the batch past `max_latency_ms` (counting the pessimistic duration
+   of the batch with one more arrival in it).
+6. Otherwise release unless waiting for the next arrival is expected to lower latency
+   (`_waiting_pays`); when it is, `Wait(until_s)` names the earliest of the latency deadline,
+   the instant the expected gain runs out, and the next shed or expiry. No polling.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from batcher.policy import (
 log = logging.getLogger(__name__)
 
 PROBE_ROWS: tuple[int, ...] = (1, 2, 3)
-# A wake-up is never scheduled at the current instant: the decision at that instant was just made.
+# A wake-up is never scheduled for the current instant: that decision has just been made.
 _MIN_STEP_S = 1e-6
 
 
@@ -67,8 +67,7 @@ class CorkPolicy:
         refit_interval_s: float = 2.0,
         warmup_batches: int = 2,
         probe_rows: Iterable[int] = PROBE_ROWS,
-        arrival_smoothing: float = 0.125,
-        overrun_quantile: float = 0.95,
+        overrun_quantile: float = 1.0,
     ) -> None:
         self._config = config
         self._clock = clock
@@ -85,7 +84,7 @@ class CorkPolicy:
             refit_interval_s=refit_interval_s,
             overrun_quantile=overrun_quantile,
         )
-        self._arrivals = ArrivalRate(arrival_smoothing)
+        self._arrivals = ArrivalRate()
         counter = itertools.count(1)
         self._new_id = id_factory or (lambda: f"batch-{next(counter)}")
         self._in_flight: dict[str, _InFlight] = {}
@@ -94,14 +93,14 @@ class CorkPolicy:
         self._calibrated = False
         self._waits_ms: deque[float] = deque(maxlen=50)
         self._warned = False
-        self._counts = {"released": 0, "overloaded": 0, "expired": 0, "rows": 0}
-        # (free slots, valid until): a plan that shed nothing stays true until an event or then.
+        self._counts = {"batches": 0, "rows": 0, "overloaded": 0, "expired": 0}
+        # (free slots, valid until): a plan that shed nothing holds until an event or that time.
         self._plan_cache: tuple[int, float] | None = None
 
-    # --- events -------------------------------------------------------------------------------
+    # --- events ------------------------------------------------------------------------------
 
     def add(self, item: Pending) -> None:
-        """A request arrived."""
+        """A request arrived (a duplicate entry id is ignored)."""
         if self._queue.push(item):
             self._arrivals.observe(self._clock(), item.rows)
             self._plan_cache = None
@@ -112,12 +111,11 @@ class CorkPolicy:
         return self._queue.remove(entry_ids)
 
     def on_complete(self, batch_id: str, rows: int, duration_s: float) -> None:
-        """A released batch finished; feeds the latency model."""
+        """A released batch finished after `duration_s` (dispatch to completion)."""
         self._in_flight.pop(batch_id, None)
         self._plan_cache = None
         self._model.observe(rows, duration_s)
-        if self._model.identifiable:
-            self._calibrated = True
+        self._calibrated = self._calibrated or self._model.identifiable
         if self._model.fitted and self._over_budget() and not self._warned:
             self._warned = True
             log.warning("%s", self._warning_text())
@@ -127,10 +125,10 @@ class CorkPolicy:
         self._in_flight.pop(batch_id, None)
         self._plan_cache = None
 
-    # --- the decision ---------------------------------------------------------------------------
+    # --- the decision --------------------------------------------------------------------------
 
     def decide(self, free_slots: int) -> Decision:
-        """What to do now; see the module docstring for the rules."""
+        """One decision; the caller repeats the call while it gets Release or Shed."""
         now = self._clock()
         expired = self._queue.pop_expired(now)
         if expired:
@@ -139,15 +137,15 @@ class CorkPolicy:
             return Shed(tuple(expired), "expired")
         if not self._queue:
             return Wait(None)
-        shed_at: float | None = None
+        wake = self._queue.next_expiry()
         if self._config.on_overload == "shed" and self._can_shed(free_slots):
-            late, shed_at = self._plan(now, free_slots)
+            late, next_miss = self._plan(now, free_slots)
             if late:
                 self._queue.remove(e.entry_id for e in late)
                 self._counts["overloaded"] += len(late)
                 self._plan_cache = None
                 return Shed(tuple(late), "overloaded")
-        wake = _earliest(shed_at, self._queue.next_expiry())
+            wake = _earliest(wake, next_miss)
         if free_slots <= 0:
             return self._wait(now, wake)
         probing = not self._calibrated and self._probes_released < len(self._probe_plan)
@@ -156,15 +154,17 @@ class CorkPolicy:
         if probing:
             return self._release(now, batch, "probe")
         rows = sum(e.rows for e in batch)
-        if self._queue.rows >= self._max_rows or rows >= self._max_rows:
+        if self._queue.rows >= self._max_rows:
             return self._release(now, batch, "full")
-        deadline = self._release_deadline(batch, rows)
+        oldest = min(e.arrived_s for e in batch)
+        one_more = min(self._max_rows, rows + math.ceil(self._arrivals.rows_per_arrival))
+        deadline = oldest + self._budget_s - self._model.predict_high(one_more)
         if now >= deadline:
             return self._release(now, batch, "deadline")
         if not self._waiting_pays(now, free_slots, len(batch), rows):
             return self._release(now, batch, "no_gain")
-        flip = self._gain_ends(now, deadline, free_slots, len(batch), rows)
-        return self._wait(now, _earliest(_earliest(wake, deadline), flip))
+        gain_ends = self._gain_ends(now, deadline, free_slots, len(batch), rows)
+        return self._wait(now, _earliest(wake, min(deadline, gain_ends)))
 
     def _release(self, now: float, batch: list[Pending], reason: str) -> Release:
         batch_id = self._new_id()
@@ -172,7 +172,7 @@ class CorkPolicy:
         rows = sum(e.rows for e in batch)
         self._in_flight[batch_id] = _InFlight(now, rows)
         self._waits_ms.append(1000.0 * sum(now - e.arrived_s for e in batch) / len(batch))
-        self._counts["released"] += 1
+        self._counts["batches"] += 1
         self._counts["rows"] += rows
         if reason == "probe":
             self._probes_released += 1
@@ -182,20 +182,15 @@ class CorkPolicy:
     def _wait(self, now: float, until: float | None) -> Wait:
         return Wait(None if until is None else max(until, now + _MIN_STEP_S))
 
-    def _release_deadline(self, batch: list[Pending], rows: int) -> float:
-        oldest = min(e.arrived_s for e in batch)
-        extra = math.ceil(self._arrivals.rows_per_arrival)
-        return oldest + self._budget_s - self._model.predict_high(min(self._max_rows, rows + extra))
-
     def _waiting_pays(self, now: float, free_slots: int, entries: int, rows: int) -> bool:
-        """One-step look-ahead: release now, or wait for the next arrival and release both?
+        """Compare releasing now with waiting for the next arrival and releasing both.
 
-        Waiting costs every queued request the expected gap G plus one more arrival's rows of
-        compute. Releasing now costs the next arrival the wait for a slot: with this the last
-        free slot, that is until the batch released now (a·rows + b) or an in-flight batch ends,
-        whichever is first. For Poisson arrivals that expected slot wait is s − G·(1 − e^(−s/G)).
-        With two or more free slots the next arrival finds one, so waiting never pays, and at
-        light load G is large, so a lone request is released at once.
+        Waiting costs each queued request the expected gap G, plus the next arrival's rows of
+        compute, and costs the next arrival the current rows of compute. Releasing now makes
+        the next arrival wait for a slot, if this is the last free one: until this batch
+        (a*rows + b) or an in-flight batch ends, whichever is sooner; for Poisson arrivals the
+        expected wait for a slot free after s is s - G*(1 - exp(-s/G)). With two free slots the
+        next arrival finds one, and at light load G is long, so a lone request goes at once.
         """
         if free_slots >= 2:
             return False
@@ -203,22 +198,18 @@ class CorkPolicy:
         if math.isinf(gap):
             return False
         a, b = self._model.a_s, self._model.b_s
-        per_arrival = self._arrivals.rows_per_arrival
         slot_wait = a * rows + b
-        ends = [f.dispatched_s + self._model.predict(f.rows) for f in self._in_flight.values()]
-        if ends:
-            slot_wait = min(slot_wait, max(0.0, min(ends) - now))
-        expected_slot_wait = slot_wait
-        if gap > 0:
-            expected_slot_wait += gap * math.expm1(-slot_wait / gap)
-        cost_of_waiting = entries * (gap + a * per_arrival) + a * rows
-        return cost_of_waiting < expected_slot_wait
+        for f in self._in_flight.values():
+            slot_wait = min(slot_wait, max(0.0, f.dispatched_s + self._model.predict(f.rows) - now))
+        saved = slot_wait + gap * math.expm1(-slot_wait / gap) if gap > 0 else slot_wait
+        cost = entries * (gap + a * self._arrivals.rows_per_arrival) + a * rows
+        return cost < saved
 
     def _gain_ends(self, now: float, deadline: float, free: int, entries: int, rows: int) -> float:
-        """The first time (before `deadline`) at which waiting stops paying, with no new event.
+        """When waiting stops paying if nothing happens first (at most `deadline`).
 
-        The gain only shrinks as time passes (the gap in progress lengthens the expected gap and
-        in-flight batches draw nearer their end), so a bisection finds the crossing."""
+        With no event the gain only shrinks (the gap in progress stretches the expected gap and
+        in-flight batches near their end), so bisection finds the crossing to 10 us."""
         if self._waiting_pays(deadline, free, entries, rows):
             return deadline
         low, high = now, deadline
@@ -230,44 +221,41 @@ class CorkPolicy:
                 high = mid
         return high
 
-    # --- overload ------------------------------------------------------------------------------
+    # --- overload -------------------------------------------------------------------------------
 
     def _can_shed(self, free_slots: int) -> bool:
-        # With an uncalibrated model an estimate could fail requests that would make it; with no
-        # slot at all (scaled to zero) there is nothing to estimate against.
+        # An uncalibrated line could fail requests that would make it; with no slot at all
+        # (scaled to zero) there is nothing to plan onto.
         return self._calibrated and max(0, free_slots) + len(self._in_flight) > 0
 
     def _plan(self, now: float, free_slots: int) -> tuple[list[Pending], float | None]:
         """Requests that cannot make their budget, and when the next one will stop making it.
 
-        Each slot carries (free time, base) where base is when its chain of planned batches
-        starts; a planned batch ending at C misses a deadline D exactly once the clock passes
-        D − (C − base), because until then nothing in the chain moves."""
+        Each slot carries (free time, base), base being where its chain of planned batches
+        starts; a planned batch ending at C misses a deadline D once the clock passes
+        D - (C - base), since until then nothing in the chain moves."""
         cache = self._plan_cache
         if cache is not None and cache[0] == free_slots and now < cache[1]:
             return [], None if math.isinf(cache[1]) else cache[1]
         order = list(self._queue.ordered(now))
         slots = [(now, now)] * min(max(0, free_slots), len(order))
         for f in self._in_flight.values():
-            end = max(now, f.dispatched_s + self._model.predict_high(f.rows))
+            end = max(now, f.dispatched_s + self._model.predict(f.rows))
             slots.append((end, end))
         heapq.heapify(slots)
         late: list[Pending] = []
         next_miss = math.inf
         while order:
             start, base = heapq.heappop(slots)
-            while True:
-                batch = take_batch(order, self._max_rows)
-                done = start + self._model.predict_high(sum(e.rows for e in batch))
-                missed = [e for e in batch if done > e.arrived_s + self._budget_s]
-                if not missed:
-                    break
-                late.extend(missed)
-                order = [e for e in order if e not in missed]
-                if not order:
-                    break
-            if not order:
-                break
+            batch = take_batch(order, self._max_rows)
+            done = start + self._model.predict_high(sum(e.rows for e in batch))
+            missed = {e.entry_id for e in batch if done > e.arrived_s + self._budget_s}
+            if missed:
+                # Dropping the misses lets later requests move up into this batch: replan it.
+                late.extend(e for e in batch if e.entry_id in missed)
+                order = [e for e in order if e.entry_id not in missed]
+                heapq.heappush(slots, (start, base))
+                continue
             for e in batch:
                 next_miss = min(next_miss, e.arrived_s + self._budget_s - (done - base))
             order = order[len(batch) :]
@@ -276,14 +264,14 @@ class CorkPolicy:
             self._plan_cache = (free_slots, next_miss)
         return late, None if math.isinf(next_miss) else next_miss
 
-    # --- reporting -----------------------------------------------------------------------------
+    # --- reporting ------------------------------------------------------------------------------
 
     def _over_budget(self) -> bool:
         return self._model.a_s + self._model.b_s >= self._budget_s
 
     def _warning_text(self) -> str:
         return (
-            f"one-row batches take {1000 * (self._model.a_s + self._model.b_s):.1f} ms "
+            f"a one-row batch takes {1000 * (self._model.a_s + self._model.b_s):.1f} ms "
             f"(a={1000 * self._model.a_s:.2f} ms/row, b={1000 * self._model.b_s:.2f} ms), "
             f"at or above max_latency_ms={self._config.max_latency_ms:g}: requests will miss it"
         )
@@ -294,9 +282,9 @@ class CorkPolicy:
         return self._queue.rows
 
     def snapshot(self) -> PolicySnapshot:
-        """Fitted a, b (None before any data), mean wait of the last 50 batches, occupancy."""
+        """Fitted a, b (None before any data), mean queue wait of the last 50 batches, counts."""
         fitted = self._model.fitted
-        released = self._counts["released"]
+        batches = self._counts["batches"]
         return PolicySnapshot(
             a_s=self._model.a_s if fitted else None,
             b_s=self._model.b_s if fitted else None,
@@ -310,8 +298,9 @@ class CorkPolicy:
                 "arrival_rate_hz": self._arrivals.rate_hz(self._clock()),
                 "calibrated": float(self._calibrated),
                 "identifiable": float(self._model.identifiable),
-                "batches_released": float(released),
-                "mean_batch_rows": self._counts["rows"] / released if released else 0.0,
+                "overrun": self._model.overrun,
+                "batches": float(batches),
+                "mean_batch_rows": self._counts["rows"] / batches if batches else 0.0,
                 "shed_overloaded": float(self._counts["overloaded"]),
                 "shed_expired": float(self._counts["expired"]),
             },
@@ -321,6 +310,4 @@ class CorkPolicy:
 def _earliest(a: float | None, b: float | None) -> float | None:
     if a is None:
         return b
-    if b is None:
-        return a
-    return min(a, b)
+    return a if b is None else min(a, b)

@@ -56,7 +56,7 @@ class LatencyModel:
         warmup: int = 2,
         refit_interval_s: float = 2.0,
         min_a_s: float = 1e-6,
-        overrun_quantile: float = 0.95,
+        overrun_quantile: float = 0.98,
         eager_samples: int = 10,
     ) -> None:
         self._clock = clock
@@ -182,9 +182,9 @@ def _spread(samples: deque[tuple[int, float]]) -> float:
 class ArrivalRate:
     """Exponentially weighted mean of the gaps between arrivals, and of rows per arrival.
 
-    The gap in progress is a lower bound on the current gap: when it already lasts longer than
-    the mean, the rate has likely dropped, and `mean_gap_s` says so instead of waiting for the
-    next arrival to correct the average.
+    The gap in progress counts as a censored sample: once it is longer than the mean, the mean
+    grows as if the next arrival came now, so a rate that has dropped is noticed without waiting
+    for the next arrival (yet one slow gap of a busy Poisson stream moves it only a little).
     """
 
     def __init__(self, smoothing: float = 0.125) -> None:
@@ -206,17 +206,18 @@ class ArrivalRate:
         self._rows += self._alpha * (max(1, rows) - self._rows)
         if self._last_s is not None:
             gap = max(0.0, now - self._last_s)
-            self._gap_s = gap if self._gap_s is None else self._gap_s + self._alpha * (
-                gap - self._gap_s
-            )
+            mean = self._gap_s
+            self._gap_s = gap if mean is None else mean + self._alpha * (gap - mean)
         self._last_s = now if self._last_s is None else max(self._last_s, now)
 
     def mean_gap_s(self, now: float) -> float:
         """Expected time between arrivals as of `now`; infinite before two arrivals."""
         if self._gap_s is None or self._last_s is None:
             return math.inf
-        return max(self._gap_s, now - self._last_s)
+        overdue = max(0.0, now - self._last_s - self._gap_s)
+        return self._gap_s + self._alpha * overdue
 
     def rate_hz(self, now: float) -> float:
+        """Requests per second as of `now`."""
         gap = self.mean_gap_s(now)
         return 0.0 if math.isinf(gap) else (math.inf if gap == 0 else 1.0 / gap)

@@ -79,7 +79,9 @@ async def serve_while_leader(lease: Lease, serve: Callable[[], Coroutine[Any, An
                     break
         finally:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            done, _ = await asyncio.wait({task}, timeout=5)
+            if not done:  # stuck in an uncancellable read: leave it, serve a fresh one
+                log.error("batcher did not stop after cancel model=%s", model)
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.error("batcher failed model=%s error=%r", model, task.exception())
         await asyncio.sleep(period_s)

@@ -13,11 +13,12 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from celery import Celery
+from redis.exceptions import RedisError
 
 from batcher.policy import BatchingPolicy, Pending, PolicyConfig, Release, Shed
 from batcher.streams import Entry, ModelStreams, mono_from_epoch_ms, stream_items
@@ -67,6 +68,8 @@ class ModelBatcher:
         self.slots = 0
         self.wake = asyncio.Event()
         self.reasons: Counter[str] = Counter()
+        self._last_report = "$"
+        self._next_reclaim = 0.0
         self.completed_rows: list[tuple[float, int]] = []
         # Above the longest a healthy batch can hold its entries: its time limit, with margin.
         self.reclaim_idle_ms = int(1000 * max(settings.reclaim_idle_s,
@@ -85,23 +88,43 @@ class ModelBatcher:
         await self.streams.ensure_groups()
         self._accept(await self.streams.read_own_pending())
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._read_loop(), name=f"read:{self.spec.name}")
-            tg.create_task(self._completion_loop(), name=f"done:{self.spec.name}")
-            tg.create_task(self._refresh_loop(), name=f"refresh:{self.spec.name}")
-            tg.create_task(self._decide_loop(), name=f"decide:{self.spec.name}")
+            for name, step in (("read", self._read_once), ("done", self._completions_once),
+                               ("refresh", self._refresh_once), ("decide", self._decide_once)):
+                tg.create_task(self._forever(name, step), name=f"{name}:{self.spec.name}")
+
+    async def _forever(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Repeat `step`, riding out Redis outages in place. Redis errors must not tear the loops
+        down: cancelling a task blocked in a redis-py read is not reliable, so a crashed sibling
+        could leave the batcher half-alive."""
+        failing_since: float | None = None
+        backoff_s = 0.05
+        while True:
+            try:
+                await step()
+            except (RedisError, OSError) as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("redis error model=%s loop=%s error=%s", self.spec.name, name,
+                                exc)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+                continue
+            if failing_since is not None:
+                log.info("redis back model=%s loop=%s after_s=%.1f", self.spec.name, name,
+                         time.monotonic() - failing_since)
+                failing_since, backoff_s = None, 0.05
 
     # -- events -----------------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        while True:
-            if self.policy.queue_rows >= self.lookahead_rows:
-                # The backlog stays in the stream where the autoscaler and other batchers see it.
-                await self._wait_for_room()
-                continue
-            room = self.lookahead_rows - self.policy.queue_rows
-            entries = await self.streams.read(count=room, block_ms=READ_BLOCK_MS)
-            if entries:
-                self._accept(entries)
+    async def _read_once(self) -> None:
+        if self.policy.queue_rows >= self.lookahead_rows:
+            # The backlog stays in the stream where the autoscaler and other batchers see it.
+            await self._wait_for_room()
+            return
+        room = self.lookahead_rows - self.policy.queue_rows
+        entries = await self.streams.read(count=room, block_ms=READ_BLOCK_MS)
+        if entries:
+            self._accept(entries)
 
     async def _wait_for_room(self) -> None:
         self._room = asyncio.Event()
@@ -120,15 +143,14 @@ class ModelBatcher:
                 expires_s=mono_from_epoch_ms(e.expires_ms, now, wall) if e.expires_ms else None))
         self.wake.set()
 
-    async def _completion_loop(self) -> None:
-        last = "$"
+    async def _completions_once(self) -> None:
         stream = keys.completions(self.spec.name)
-        while True:
-            reply = await self.reader.xread({stream: last}, block=READ_BLOCK_MS, count=100)
-            for _, entries in stream_items(reply):
-                for entry_id, fields in entries:
-                    last = entry_id
-                    self._complete(fields.get("batch", ""), int(fields.get("rows", 0)))
+        reply = await self.reader.xread({stream: self._last_report}, block=READ_BLOCK_MS,
+                                        count=100)
+        for _, entries in stream_items(reply):
+            for entry_id, fields in entries:
+                self._last_report = entry_id
+                self._complete(fields.get("batch", ""), int(fields.get("rows", 0)))
 
     def _complete(self, batch_id: str, rows: int) -> None:
         flight = self.in_flight.pop(batch_id, None)
@@ -140,24 +162,22 @@ class ModelBatcher:
         self.completed_rows.append((now, flight.rows))
         self.wake.set()
 
-    async def _refresh_loop(self) -> None:
+    async def _refresh_once(self) -> None:
         """Capacity from heartbeats, recovery of lost entries, and the published live values."""
-        next_reclaim = 0.0
-        while True:
-            workers = await live_workers(self.redis, self.spec.name)
-            slots = sum(int(w["slots"]) for w in workers if w["state"] in ("ready", "busy"))
-            if slots != self.slots:
-                log.info("capacity model=%s slots=%d workers=%d", self.spec.name, slots,
-                         len(workers))
-                self.slots = slots
-                self.wake.set()
-            now = time.monotonic()
-            self._forget_lost(now)
-            if now >= next_reclaim:
-                await self._recover()
-                next_reclaim = now + max(1.0, self.reclaim_idle_ms / 4000)
-            await self._publish_state(now, len(workers))
-            await asyncio.sleep(REFRESH_S)
+        workers = await live_workers(self.redis, self.spec.name)
+        slots = sum(int(w["slots"]) for w in workers if w["state"] in ("ready", "busy"))
+        if slots != self.slots:
+            log.info("capacity model=%s slots=%d workers=%d", self.spec.name, slots,
+                     len(workers))
+            self.slots = slots
+            self.wake.set()
+        now = time.monotonic()
+        self._forget_lost(now)
+        if now >= self._next_reclaim:
+            await self._recover()
+            self._next_reclaim = now + max(1.0, self.reclaim_idle_ms / 4000)
+        await self._publish_state(now, len(workers))
+        await asyncio.sleep(REFRESH_S)
 
     def _forget_lost(self, now: float) -> None:
         limit = self.reclaim_idle_ms / 1000
@@ -182,13 +202,12 @@ class ModelBatcher:
 
     # -- decisions --------------------------------------------------------------------------
 
-    async def _decide_loop(self) -> None:
-        while True:
-            self.wake.clear()
-            timeout = await self._step()
-            if timeout is None or timeout > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout)
+    async def _decide_once(self) -> None:
+        self.wake.clear()
+        timeout = await self._step()
+        if timeout is None or timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
 
     async def _step(self) -> float | None:
         """Act on every decision due now; returns how long to sleep (None: until an event)."""

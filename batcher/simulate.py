@@ -24,6 +24,9 @@ PolicyFactory = Callable[[PolicyConfig, Clock, int], BatchingPolicy]
 POLICIES: dict[str, PolicyFactory] = {
     "cork": lambda cfg, clock, slots: CorkPolicy(cfg, clock),
     "reference": lambda cfg, clock, slots: ReferenceCork(cfg, clock, workers=slots),
+    "reference-rr": lambda cfg, clock, slots: ReferenceCork(
+        cfg, clock, workers=slots, assign="round_robin"
+    ),
     "fixed": lambda cfg, clock, slots: FixedWindow(cfg, clock, window_ms=10.0),
     "none": lambda cfg, clock, slots: NoBatching(cfg, clock),
 }
@@ -51,12 +54,13 @@ def make_trace(
     period_s: float = 2.0,
     duty: float = 0.5,
     priorities: tuple[float, float, float] = (0.0, 1.0, 0.0),
+    ttl_s: float | None = None,
 ) -> list[Arrival]:
     """Arrivals averaging `rate_hz` over `duration_s`.
 
     poisson: exponential gaps. bursts: `burst_size` requests at one instant, bursts Poisson.
     onoff: a square wave, Poisson at rate/duty during the first `duty` of each period, silent
-    otherwise. `priorities` weighs high/normal/low."""
+    otherwise. `priorities` weighs high/normal/low; `ttl_s` gives every request a ttl."""
     rng = random.Random(seed)
     levels: tuple[Priority, ...] = ("high", "normal", "low")
     times: list[float] = []
@@ -78,7 +82,7 @@ def make_trace(
             t += rng.expovariate(rate_hz / duty)
     else:
         raise ValueError(f"unknown trace kind {kind!r}")
-    return [Arrival(t, 1, rng.choices(levels, priorities)[0]) for t in times]
+    return [Arrival(t, 1, rng.choices(levels, priorities)[0], ttl_s) for t in times]
 
 
 @dataclass(frozen=True)
@@ -257,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"{args.policy} at {rate:.1f} req/s ({args.load:.0%} of capacity), {args.trace}:")
         for name, value in asdict(result).items():
-            print(f"  {name:16} {value:.4g}" if isinstance(value, float) else f"  {name:16} {value}")
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            print(f"  {name:16} {shown}")
     return 0
 
 

@@ -29,11 +29,13 @@ import json
 import math
 import random
 import resource
+import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -80,6 +82,7 @@ class RawClient:
         self._idle: list[_Conn] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._host_header = f"Host: {self.host}:{self.port}\r\n".encode()
+        self.retries = 0
 
     async def _connect(self) -> _Conn:
         reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
@@ -96,7 +99,8 @@ class RawClient:
         data = b"".join(head) + (body or b"")
         async with self._slots:
             for attempt in range(2):
-                conn = self._idle.pop() if self._idle else await self._connect()
+                # A retry always gets a fresh connection: the other idle ones may be stale too.
+                conn = self._idle.pop() if self._idle and attempt == 0 else await self._connect()
                 try:
                     status, payload, keep = await asyncio.wait_for(self._exchange(conn, data),
                                                                    self.timeout_s)
@@ -104,6 +108,7 @@ class RawClient:
                         asyncio.LimitOverrunError) as exc:
                     conn.close()
                     if conn.reused and attempt == 0:
+                        self.retries += 1
                         continue  # the server closed an idle keep-alive connection: retry
                     raise HTTPError(f"{type(exc).__name__}: {exc}") from exc
                 except TimeoutError as exc:
@@ -202,6 +207,7 @@ class Outcome:
     batch_size: int | None = None
     requests: int = 1
     detail: str = ""
+    spans: tuple[float, float, float] | None = None  # created, started, finished (epoch s)
 
 
 JobFn = Callable[[bytes], Awaitable[Outcome]]
@@ -211,6 +217,23 @@ def _batch_size(job: dict[str, Any]) -> int | None:
     metrics = job.get("metrics") or {}
     size = metrics.get("batch_size")
     return int(size) if isinstance(size, int | float) else None
+
+
+def _epoch(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def _spans(job: dict[str, Any]) -> tuple[float, float, float] | None:
+    created, started, finished = (_epoch(job.get(k)) for k in ("created_at", "started_at",
+                                                                "finished_at"))
+    if created is None or started is None or finished is None:
+        return None
+    return created, started, finished
 
 
 def _detail(payload: bytes) -> str:
@@ -230,7 +253,7 @@ def job_protocol(client: Client, path: str, wait_s: float) -> JobFn:
             if status != 200:
                 return Outcome(f"http_{status}", requests=requests, detail=_detail(payload))
             job = json.loads(payload)
-        return Outcome(str(job["status"]), _batch_size(job), requests)
+        return Outcome(str(job["status"]), _batch_size(job), requests, spans=_spans(job))
 
     return run
 
@@ -277,11 +300,15 @@ class Config:
     label: str = ""
 
 
+Done = tuple[float, float, str, int | None, tuple[float, float, float] | None]
+
+
 @dataclass
 class Recorder:
     t0: float
+    wall0: float = 0.0  # time.time() at t0: job records carry wall-clock times
     arrivals: list[float] = field(default_factory=list)
-    done: list[tuple[float, float, str, int | None]] = field(default_factory=list)
+    done: list[Done] = field(default_factory=list)
     requests: int = 0
     inflight: int = 0
     dropped: int = 0
@@ -289,7 +316,7 @@ class Recorder:
 
     def record(self, arrived: float, finished: float, outcome: Outcome) -> None:
         self.done.append((arrived - self.t0, finished - self.t0, outcome.status,
-                          outcome.batch_size))
+                          outcome.batch_size, outcome.spans))
         self.requests += outcome.requests
         if outcome.detail and outcome.status not in self.errors:
             self.errors[outcome.status] = outcome.detail
@@ -325,7 +352,7 @@ async def _open_loop(cfg: Config, fn: JobFn, bodies: list[bytes], rec: Recorder,
         rec.arrivals.append(nxt - rec.t0)
         if rec.inflight >= cfg.max_inflight:
             rec.dropped += 1
-            rec.done.append((nxt - rec.t0, nxt - rec.t0, "dropped", None))
+            rec.done.append((nxt - rec.t0, nxt - rec.t0, "dropped", None, None))
             continue
         task = asyncio.create_task(_one(fn, bodies[i % len(bodies)], nxt, rec))
         i += 1
@@ -386,8 +413,27 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
             "mean": sum(s) / len(s), "max": s[-1]}
 
 
+def _breakdown(rec: Recorder, done: list[Done]) -> dict[str, float] | None:
+    """Median time of each leg of a job, from the job record's wall-clock stamps (ms
+    resolution): client to gateway record, queued (batcher, Celery, worker pick-up), running
+    (worker: fetch, pre/predict/post, write), final state to the client's answer."""
+    legs: dict[str, list[float]] = {"to_record": [], "queued": [], "running": [],
+                                    "to_client": []}
+    for arrived, finished, _, _, spans in done:
+        if spans is None:
+            continue
+        created, started, final = spans
+        legs["to_record"].append(created - (rec.wall0 + arrived))
+        legs["queued"].append(started - created)
+        legs["running"].append(final - started)
+        legs["to_client"].append(rec.wall0 + finished - final)
+    if not legs["queued"]:
+        return None
+    return {k: statistics.median(v) * 1000 for k, v in legs.items()}
+
+
 def summarize(cfg: Config, rec: Recorder, elapsed_s: float, cpu_s: float,
-              unfinished_at: float) -> dict[str, Any]:
+              unfinished_at: float, retries: int = 0) -> dict[str, Any]:
     lo, hi = cfg.warmup_s, cfg.duration_s
     window = max(1e-9, hi - lo)
     measured = [d for d in rec.done if lo <= d[0] < hi]
@@ -403,6 +449,7 @@ def summarize(cfg: Config, rec: Recorder, elapsed_s: float, cpu_s: float,
     n_sizes = sum(sizes.values())
     completed_all = len(rec.done)
     result: dict[str, Any] = {
+        "breakdown_ms": _breakdown(rec, [d for d in measured if d[2] == "succeeded"]),
         "config": asdict(cfg),
         "elapsed_s": elapsed_s,
         "window_s": window,
@@ -421,6 +468,7 @@ def summarize(cfg: Config, rec: Recorder, elapsed_s: float, cpu_s: float,
         "dropped": rec.dropped,
         "error_samples": rec.errors,
         "requests": rec.requests,
+        "client_retries": retries,
         "client_cpu_s": cpu_s,
         "client_cpu_us_per_request": (cpu_s / rec.requests * 1e6) if rec.requests else None,
         "client_cpu_fraction": cpu_s / elapsed_s if elapsed_s else None,
@@ -447,7 +495,7 @@ async def run(cfg: Config, bodies: list[bytes], progress: bool = True) -> dict[s
         raise ValueError(f"unknown protocol {cfg.protocol!r}")
     tasks: set[asyncio.Task[None]] = set()
     cpu0 = _cpu_s()
-    rec = Recorder(t0=time.perf_counter())
+    rec = Recorder(t0=time.perf_counter(), wall0=time.time())
     reporter = asyncio.create_task(_progress(cfg, rec, sys.stderr)) if progress else None
     try:
         if cfg.mode == "open":
@@ -471,7 +519,8 @@ async def run(cfg: Config, bodies: list[bytes], progress: bool = True) -> dict[s
             if sys.stderr.isatty():
                 sys.stderr.write("\n")
         await client.close()
-    return summarize(cfg, rec, elapsed, cpu, unfinished_at)
+    retries = client.retries if isinstance(client, RawClient) else 0
+    return summarize(cfg, rec, elapsed, cpu, unfinished_at, retries)
 
 
 def read_bodies(path: Path) -> list[bytes]:

@@ -49,7 +49,10 @@ def measure(device: str, core_index: int, seconds_per_size: float, reps: int,
     gen = torch.Generator().manual_seed(1)
     data = (torch.rand(max(sizes), IN_FEATURES, generator=gen) * 2 - 1)
     items = [MLPInput(features=row) for row in data.tolist()]
-    sync = torch.cuda.synchronize if torch_device != "cpu" else (lambda: None)
+
+    def sync() -> None:
+        if torch_device != "cpu":
+            torch.cuda.synchronize()
 
     def timed(fn: Any, budget_s: float) -> float:
         """Median seconds per call over `reps` runs of about budget_s/reps each."""

@@ -104,6 +104,9 @@ class WebhookDeliverer:
         self._wake = asyncio.Event()  # an entry arrived or a delivery ended
         self._room = asyncio.Event()  # an entry was released: the reader may read more
         self._task: asyncio.Task[None] | None = None
+        # Loops also check this flag: a cancellation that lands as a Redis reply arrives can be
+        # swallowed inside redis-py, and the loop must still end.
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="webhook-deliverer")
@@ -111,6 +114,9 @@ class WebhookDeliverer:
 
     async def stop(self) -> None:
         """Stop reading and posting; hand held entries to the other deliverers at once."""
+        self._stopping = True
+        self._wake.set()
+        self._room.set()
         tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -127,7 +133,7 @@ class WebhookDeliverer:
     async def _run(self) -> None:
         log.info("webhook deliverer started consumer=%s concurrency=%d max_attempts=%d",
                  self.consumer, self.s.webhook_concurrency, self.s.webhook_max_attempts)
-        while True:
+        while not self._stopping:
             try:
                 with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
                     await self.redis.xgroup_create(self.stream, keys.WEBHOOK_GROUP, id="0",
@@ -149,7 +155,7 @@ class WebhookDeliverer:
             self._wake.set()
 
     async def _read_loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._room.clear()
             if len(self._held) >= MAX_HELD:  # backpressure: the backlog stays in the stream
                 await self._room.wait()
@@ -166,7 +172,7 @@ class WebhookDeliverer:
         loop = asyncio.get_running_loop()
         upkeep_every_s = max(0.2, self.s.reclaim_idle_s / 3)
         next_upkeep = 0.0
-        while True:
+        while not self._stopping:
             if loop.time() >= next_upkeep:
                 await self._upkeep()
                 next_upkeep = loop.time() + upkeep_every_s
@@ -181,8 +187,10 @@ class WebhookDeliverer:
             # With every slot busy only a finished delivery (the event) can start another.
             free = len(self._inflight) < self.s.webhook_concurrency
             until = min([next_upkeep, *(self._due.values() if free else ())])
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, until - loop.time()))
+                async with asyncio.timeout(max(0.0, until - loop.time())):
+                    await self._wake.wait()
 
     async def _upkeep(self) -> None:
         """Keep our entries from looking idle, take over idle ones of dead deliverers, and drop

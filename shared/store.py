@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from shared import keys, scripts
 from shared.errors import Conflict, NotFound, QueueFull
@@ -143,13 +145,12 @@ class JobStore:
                     device: str) -> list[Started]:
         """Mark jobs running, one round trip. The verdict is 'run', 'poison' (past the attempt
         limit), or the status that makes the job skip ('canceled', 'expired', 'missing', ...)."""
-        pipe = self.redis.pipeline(transaction=False)
         started = now_ms()
-        for job_id in job_ids:
-            await self._start(keys=[keys.job(job_id)], args=[started, worker, device,
-                                                       self.max_attempts], client=pipe)
+        replies = await self._pipelined(self._start, [
+            ([keys.job(job_id)], [started, worker, device, self.max_attempts])
+            for job_id in job_ids])
         out: list[Started] = []
-        for job_id, reply in zip(job_ids, await pipe.execute(), strict=True):
+        for job_id, reply in zip(job_ids, replies, strict=True):
             kind = _s(reply[0])
             if kind == "run":
                 out.append(Started(job_id, "run", int(reply[1]), _s(reply[2]), int(reply[3])))
@@ -162,8 +163,8 @@ class JobStore:
     async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         """Write final states (first writer wins) and ack their stream entries, one round trip.
         Returns, per job, whether this call's state is the one that stuck."""
-        pipe = self.redis.pipeline(transaction=False)
         finished = now_ms()
+        calls: list[tuple[list[Any], list[Any]]] = []
         for o in outcomes:
             assert o.status in FINAL_STATUSES, o.status
             fields: list[Any] = ["finished_ms", finished]
@@ -174,10 +175,37 @@ class JobStore:
             for name, value in (o.metrics or {}).items():
                 if value is not None:
                     fields += [name, value]
-            await self._finish(keys=[keys.job(o.job_id), keys.webhooks()],
-                         args=[o.status, self.result_ttl_ms, keys.FINAL_CHANNEL,
-                               keys.BATCHER_GROUP, keys.STATS_PREFIX, *fields], client=pipe)
-        return [int(r) == 1 for r in await pipe.execute()]
+            calls.append(([keys.job(o.job_id), keys.webhooks()],
+                          [o.status, self.result_ttl_ms, keys.FINAL_CHANNEL,
+                           keys.BATCHER_GROUP, keys.STATS_PREFIX, *fields]))
+        return [int(r) == 1 for r in await self._pipelined(self._finish, calls)]
+
+    async def _pipelined(self, script: AsyncScript,
+                         calls: Sequence[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """Run `script` once per (keys, args), all in one round trip of plain EVALSHA.
+
+        redis-py's own pipelined scripts cost a SCRIPT EXISTS round trip before every pipeline;
+        here the script is loaded only when Redis answers NOSCRIPT (a restart, SCRIPT FLUSH),
+        and then only the calls that got it run again. The first other error is raised."""
+        if not calls:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for k, a in calls:
+            pipe.evalsha(script.sha, len(k), *k, *a)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            script.sha = await self.redis.script_load(script.script)
+            pipe = self.redis.pipeline(transaction=False)
+            for i in missing:
+                k, a = calls[i]
+                pipe.evalsha(script.sha, len(k), *k, *a)
+            for i, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def dead_letter(self, model: str, job_id: str, attempts: int, reason: str) -> None:
         await self.redis.xadd(keys.dead_letters(model),

@@ -1,0 +1,554 @@
+"""docs/benchmarks.md and docs/img/bench-*.png from a bench.run summary.
+
+    python -m bench.report [bench/results/latest.json]     # redo the docs from saved results
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.systems import MAX_BATCH_SIZE, MAX_LATENCY_MS, REPO
+
+OURS, BENTO = "asyncinfer", "bentoml"
+COLORS = {OURS: "#1f77b4", BENTO: "#d62728"}
+
+
+def _med(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _agg(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The median over repeats of each figure the report shows."""
+    if not points:
+        return None
+
+    def lat(key: str) -> float | None:
+        return _med([p["latency_ms"][key] for p in points])
+
+    return {
+        "throughput": _med([p["throughput_per_s"] for p in points]),
+        "offered": _med([p["offered_per_s"] for p in points]),
+        "p50": lat("p50"), "p90": lat("p90"), "p99": lat("p99"),
+        "batch": _med([p["batch_size"]["mean"] for p in points]),
+        "ok": _med([p["ok_fraction"] for p in points]),
+        "cpu_ms_per_job": _med([p["server_cpu_ms_per_job"] for p in points]),
+        "cpu": {k: _med([p["server_cpu_s"].get(k, 0.0) / p["window_s"] for p in points])
+                for k in points[0]["server_cpu_s"]},
+        "concurrency": points[0].get("concurrency"),
+        "statuses": points[-1]["status_counts"],
+        "breakdown": _breakdown([p.get("breakdown_ms") for p in points]),
+        "runs": [p["throughput_per_s"] for p in points],
+    }
+
+
+def _breakdown(items: list[dict[str, float] | None]) -> dict[str, float] | None:
+    got = [b for b in items if b]
+    if not got:
+        return None
+    return {k: statistics.median(b[k] for b in got) for k in got[0]}
+
+
+def overloaded(a: dict[str, Any] | None) -> bool:
+    if a is None or not a["offered"]:
+        return False
+    return bool((a["ok"] or 0) < 0.99 or (a["throughput"] or 0) < 0.95 * a["offered"])
+
+
+def analyse(res: dict[str, Any]) -> dict[str, Any]:
+    lim = res["limit"]
+    http = res["http"]
+    sysr = res["systems"]
+    sat_o = _agg(sysr["sat"][OURS])
+    sat_b = _agg(sysr["sat"][BENTO])
+    light_o = _agg(sysr["light"][OURS])
+    light_b = _agg(sysr["light"][BENTO])
+    loads = [{"fraction": pt["fraction"], "rate": pt["rate"], OURS: _agg([pt[OURS]]),
+              BENTO: _agg([pt[BENTO]]) if BENTO in pt else None} for pt in sysr["loads"]]
+    triv_submit = _med(http["trivial_submit"])
+    gw_submit = _med(http["gateway_submit"])
+    triv_jobs = _med(http["trivial_jobs"])
+    one = lim.get("one_worker") or lim
+    a: dict[str, Any] = {
+        "sat_o": sat_o, "sat_b": sat_b, "light_o": light_o, "light_b": light_b, "loads": loads,
+        "triv_submit": triv_submit, "gw_submit": gw_submit, "triv_jobs": triv_jobs,
+        "limit_rows": lim["best_rows_per_s"], "limit_batch": lim["best_batch_size"],
+        "limit_predict_rows": lim["best_predict_rows_per_s"],
+        "batch1_ms": one["batch1_forward_ms"], "batch1_predict_ms": one["batch1_predict_ms"],
+    }
+    s_o = sat_o["throughput"] if sat_o else None
+    s_b = sat_b["throughput"] if sat_b else None
+    a["ratio_bento"] = (s_o / s_b) if s_o and s_b else None
+    a["ratio_submit"] = (gw_submit / triv_submit) if gw_submit and triv_submit else None
+    a["ratio_limit"] = (s_o / a["limit_rows"]) if s_o else None
+    a["ratio_http_jobs"] = (s_o / triv_jobs) if s_o and triv_jobs else None
+    a["light_p50"] = light_o["p50"] if light_o else None
+    a["light_budget"] = a["batch1_ms"] + 5.0
+    return a
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+
+def f0(v: float | None) -> str:
+    return "–" if v is None else f"{v:,.0f}"
+
+
+def f1(v: float | None) -> str:
+    return "–" if v is None else f"{v:,.1f}"
+
+
+def f2(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def _lat_cell(x: dict[str, Any] | None) -> str:
+    if x is None:
+        return "– | – | – | – | –"
+    flag = " (overloaded)" if overloaded(x) else ""
+    return (f"{f0(x['throughput'])}{flag} | {f1(x['p50'])} | {f1(x['p99'])} | {f1(x['batch'])}"
+            f" | {pct(x['ok'])}")
+
+
+def _cpu_line(x: dict[str, Any] | None) -> str:
+    if not x:
+        return "–"
+    parts = sorted(((k, v) for k, v in x["cpu"].items() if v and v >= 0.005),
+                   key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {v:.2f}" for k, v in parts)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def markdown(res: dict[str, Any], a: dict[str, Any]) -> str:
+    m = res["machine"]
+    v = m["versions"]
+    prof = res["profile"]
+    sysr = res["systems"]
+    reps = prof["repeats"]
+    sat_o, sat_b = a["sat_o"], a["sat_b"]
+    light_o, light_b = a["light_o"], a["light_b"]
+    t_bento = a["ratio_bento"] is not None and a["ratio_bento"] >= 3.0
+    t_submit = a["ratio_submit"] is not None and a["ratio_submit"] >= 0.6
+    t_light = a["light_p50"] is not None and a["light_p50"] <= a["light_budget"]
+    bd = (light_o or {}).get("breakdown") or {}
+    cmd = "python -m bench.run --" + res["mode"] + (
+        f" --replicas {res['replicas']}" if res["replicas"] != 1 else "") + (
+        " --device cuda" if res["device"] == "cuda" else "")
+    L: list[str] = []
+    add = L.append
+    add("# Benchmarks\n")
+    add("asyncinfer serving the built-in torch MLP (256 → 2048 → 2048 → 2048 → 16, fixed-seed "
+        "weights) measured against the model's own limit, the bare HTTP server, and BentoML "
+        "serving the same model with its adaptive batching, all in one run on one machine. "
+        f"Generated by `{cmd}` (bench/run.py) on {res['started']}; raw JSON in "
+        "`bench/results/` (not committed).\n")
+    add("## Targets\n")
+    add("| target | measured | ratio | verdict |")
+    add("|---|---|---|---|")
+    add(f"| saturation throughput through asyncinfer ≥ 3× BentoML's (same model, same load) | "
+        f"{f0(sat_o and sat_o['throughput'])} vs {f0(sat_b and sat_b['throughput'])} jobs/s | "
+        f"{f2(a['ratio_bento'])}× | {_verdict(t_bento if sat_b else None)} |")
+    add(f"| gateway submit-path throughput ≥ 60% of the bare HTTP server's trivial endpoint | "
+        f"{f0(a['gw_submit'])} vs {f0(a['triv_submit'])} req/s | {pct(a['ratio_submit'])} | "
+        f"{_verdict(t_submit)} |")
+    add(f"| p50 end-to-end at light load ≤ model batch-of-one + 5 ms | p50 {f1(a['light_p50'])} ms"
+        f" vs {f2(a['batch1_ms'])} + 5 = {f1(a['light_budget'])} ms | "
+        f"{f2((a['light_p50'] or 0) / a['light_budget'])}× the budget | {_verdict(t_light)} |")
+    add("")
+    add("What bounds each figure is discussed under [Reading the results](#reading-the-results)."
+        "\n")
+    add("## Results\n")
+    add(f"Medians of {reps} interleaved repeat(s). Throughput counts successful jobs only; "
+        "latency is from a job's arrival to its final answer.\n")
+    add("### Limits and ratios\n")
+    add("| what | figure | asyncinfer as a ratio of it |")
+    add("|---|---|---|")
+    add(f"| torch model alone, best batch ({a['limit_batch']}), one process, "
+        f"{res['replicas']} × 1 thread | {f0(a['limit_rows'])} rows/s | "
+        f"{pct(a['ratio_limit'])} |")
+    add(f"| the model's `predict` (tensor from Python floats, lists back), best batch | "
+        f"{f0(a['limit_predict_rows'])} rows/s | – |")
+    add(f"| model batch-of-one time (forward / predict) | {f2(a['batch1_ms'])} / "
+        f"{f2(a['batch1_predict_ms'])} ms | – |")
+    add(f"| bare HTTP server, trivial submit endpoint (C={prof['http_concurrency']}) | "
+        f"{f0(a['triv_submit'])} req/s | gateway submit path: {pct(a['ratio_submit'])} |")
+    add(f"| gateway submit path alone (Redis + gateway, C={prof['http_concurrency']}) | "
+        f"{f0(a['gw_submit'])} req/s | – |")
+    add(f"| bare HTTP server, whole job pattern (submit + long-poll, C="
+        f"{prof['http_concurrency']}) | {f0(a['triv_jobs'])} jobs/s | "
+        f"{pct(a['ratio_http_jobs'])} |")
+    add(f"| **asyncinfer**, saturation (closed loop, best of C={prof['sat_concurrency']}) | "
+        f"**{f0(sat_o and sat_o['throughput'])} jobs/s** (runs: "
+        f"{', '.join(f0(x) for x in (sat_o or {}).get('runs', []))}) | – |")
+    add(f"| **BentoML**, saturation (same) | **{f0(sat_b and sat_b['throughput'])} jobs/s** "
+        f"(runs: {', '.join(f0(x) for x in (sat_b or {}).get('runs', []))}) | "
+        f"asyncinfer is {f2(a['ratio_bento'])}× |")
+    add("")
+    add("### Latency at offered loads (open loop, Poisson arrivals)\n")
+    add("The same offered rates for both systems: light load, then fractions of asyncinfer's "
+        "saturation throughput. Per system: achieved jobs/s, p50 and p99 latency (ms), mean batch"
+        " size, share of jobs that succeeded.\n")
+    add("| offered jobs/s | of our saturation | asyncinfer jobs/s | p50 | p99 | batch | ok | "
+        "BentoML jobs/s | p50 | p99 | batch | ok |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    sat_thr = sat_o["throughput"] if sat_o else None
+    rows = [(prof["light_rate"], light_o, light_b)]
+    rows += [(pt["rate"], pt[OURS], pt[BENTO]) for pt in a["loads"]]
+    for rate, o, b in rows:
+        frac = pct(rate / sat_thr) if sat_thr else "–"
+        add(f"| {f0(rate)} | {frac} | {_lat_cell(o)} | {_lat_cell(b)} |")
+    add("")
+    add("*overloaded*: fewer than 99% of jobs succeeded or under 95% of the offered rate was "
+        "served; BentoML answers 503 (`process is overloaded`) to requests its dispatcher "
+        f"expects to miss `max_latency_ms={MAX_LATENCY_MS}`, and only successes count.\n")
+    add("### Where the CPU went at saturation\n")
+    add("CPU cores used by each system's processes while it was driven to saturation (the "
+        "generator's own share is separate), and CPU milliseconds per successful job.\n")
+    add("| system | cores by process | total cores | CPU ms per job |")
+    add("|---|---|---|---|")
+    for name, x in ((OURS, sat_o), (BENTO, sat_b)):
+        if x:
+            add(f"| {name} | {_cpu_line(x)} | {f2(sum(v or 0 for v in x['cpu'].values()))} | "
+                f"{f2(x['cpu_ms_per_job'])} |")
+    add("")
+    if bd:
+        add("### Where a job's time goes at light load (asyncinfer)\n")
+        add("Medians from the job records' wall-clock stamps (millisecond resolution):\n")
+        add("| leg | ms |")
+        add("|---|---|")
+        add(f"| client sends → gateway wrote the record (HTTP, parse, validate, Lua submit) | "
+            f"{f1(bd.get('to_record'))} |")
+        add(f"| queued: batcher read, CORK decision, Celery hand-off, worker pick-up | "
+            f"{f1(bd.get('queued'))} |")
+        add(f"| running: fetch, preprocess, predict, postprocess, write final state | "
+            f"{f1(bd.get('running'))} |")
+        add(f"| final state → client has the answer (pub/sub, fetch, HTTP) | "
+            f"{f1(bd.get('to_client'))} |")
+        add(f"| **end to end (p50)** | **{f1(a['light_p50'])}** |")
+        add("")
+    add("### Plots\n")
+    add("![latency vs offered load](img/bench-latency.png)\n")
+    add("![throughput and batch size vs offered load](img/bench-throughput.png)\n")
+    add("![limits](img/bench-limits.png)\n")
+    add(READING.format(
+        ratio_bento=f2(a["ratio_bento"]), sat_o=f0(sat_o and sat_o["throughput"]),
+        sat_b=f0(sat_b and sat_b["throughput"]), limit=f0(a["limit_rows"]),
+        ratio_limit=pct(a["ratio_limit"]), triv_jobs=f0(a["triv_jobs"]),
+        ratio_http_jobs=pct(a["ratio_http_jobs"]), gw=f0(a["gw_submit"]),
+        triv=f0(a["triv_submit"]), ratio_submit=pct(a["ratio_submit"]),
+        light=f1(a["light_p50"]), budget=f1(a["light_budget"]), b1=f2(a["batch1_ms"]),
+        cpu_o=f2(sat_o and sat_o["cpu_ms_per_job"]), cpu_b=f2(sat_b and sat_b["cpu_ms_per_job"]),
+        light_b=f1(light_b and light_b["p50"]), batch_o=f1(sat_o and sat_o["batch"]),
+        batch_b=f1(sat_b and sat_b["batch"]),
+        to_record=f1(bd.get("to_record")), queued=f1(bd.get("queued")),
+        running=f1(bd.get("running")), to_client=f1(bd.get("to_client")),
+    ))
+    add(METHOD.format(
+        devices=sysr["devices"], replicas=res["replicas"], max_batch=MAX_BATCH_SIZE,
+        max_latency=MAX_LATENCY_MS, duration=prof["duration_s"], warmup=prof["warmup_s"],
+        reps=reps, sat_c=prof["sat_concurrency"], light=prof["light_rate"],
+        fractions=", ".join(pct(x) for x in prof["fractions"]), http_c=prof["http_concurrency"],
+        gen_us=f1(res["http"].get("generator_cpu_us_per_request")),
+        gen_frac=pct(res["http"].get("generator_cpu_fraction")),
+        gen_rps=f0(res["http"].get("generator_requests_per_s")),
+    ))
+    add("## Machine\n")
+    add("| | |")
+    add("|---|---|")
+    add(f"| CPU | {m['cpu_model']}, {m['nproc']} cores (nproc) |")
+    add(f"| memory | {m['mem_gib']} GiB |")
+    add(f"| kernel, Python | {m['kernel']}, {m['python']} |")
+    add(f"| redis-server | {m['redis_server'][:80]} |")
+    add("| packages | " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())) + " |")
+    add(f"| load average before / after | {', '.join(f'{x:.2f}' for x in m['loadavg_before'])}"
+        f" / {', '.join(f'{x:.2f}' for x in m.get('loadavg_after', []))} |")
+    add(f"| run | `{res['mode']}`, device {res['device']}, {res['replicas']} model worker(s) per "
+        f"system, {res['elapsed_s']:.0f} s |")
+    add("")
+    add("Other engineers' test suites shared this 2-core machine during the runs, so single "
+        "figures are noisy (±15% between repeats was common); the repeats are interleaved "
+        "across systems so that noise hits both alike, and the tables show medians.\n")
+    add(REPRODUCE)
+    add(PROFILING)
+    return "\n".join(L).rstrip() + "\n"
+
+
+READING = """## Reading the results
+
+**asyncinfer vs BentoML ({ratio_bento}×).** Both systems serve the same network with the same
+batching limits on the same cores, and both end up bounded by Python per-request work on two
+cores, not by the model: the model alone does {limit} rows/s, so asyncinfer's {sat_o} jobs/s is
+{ratio_limit} of it, and even the bare HTTP server running the same request pattern (submit +
+long-poll, no work at all) tops out at {triv_jobs} jobs/s on this machine (asyncinfer reaches
+{ratio_http_jobs} of that). A 3× margin over BentoML's {sat_b} jobs/s would need more jobs/s than
+that ceiling allows, so the target cannot be met on this machine by anything that speaks HTTP from
+Python here; what separates the two systems is per-job CPU ({cpu_o} ms per job for asyncinfer, all
+of its processes counted, vs {cpu_b} ms for BentoML) and how each behaves past its limit: BentoML
+sheds with 503 once its dispatcher expects to miss `max_latency_ms`, asyncinfer keeps every
+accepted job (it queues) and its batches grow (mean {batch_o} at saturation vs {batch_b}).
+On a GPU box (`--device cuda`), or with more cores for the gateway, the balance changes; the
+comparison there is a run of the same command.
+
+**Gateway submit path ({ratio_submit} of the bare server: {gw} vs {triv} req/s).** The trivial
+endpoint reads the body and answers; the submit path also parses and validates 256 floats,
+encodes the input once for the queue, runs one Lua script in Redis (record, stream entry, backlog
+and idempotency checks, persisted to the append-only file) and answers with the job. On two shared
+cores the Redis server, the generator and the gateway compete for the same CPU, so the Redis and
+redis-py time per submit weighs directly on the ratio. The per-submit work left after the changes
+below is the Redis call (client and server) and the framework; see *Hot path*.
+
+**Light-load latency (p50 {light} ms vs a budget of {budget} ms = batch-of-one {b1} ms + 5 ms).**
+The legs above show where it goes: about {to_record} ms from the client to the job record,
+{queued} ms queued (stream read, CORK decision, Celery message through Redis, worker pick-up),
+{running} ms in the worker (one of which is the model) and {to_client} ms back to the client. Each
+leg is one or two Redis round trips and a process hop between Python processes that share two
+cores with everything else; at this rate the CORK policy releases batches of one at once (no
+waiting), so what remains is the hops of the architecture (HTTP → Redis stream → batcher →
+Celery/Redis → worker → Redis pub/sub → gateway → HTTP). BentoML keeps the request in one
+process and still shows p50 {light_b} ms here, because its dispatcher waits for more requests.
+"""
+
+METHOD = """## Method
+
+- **Same model, same batching limits.** asyncinfer serves `workers.builtin.mlp:MLPModel`;
+  BentoML (bench/bentoml_service/service.py, `@bentoml.api(batchable=True,
+  max_batch_size={max_batch}, max_latency_ms={max_latency})`, synchronous endpoint) serves the
+  network from the same `build_mlp()` (same fixed-seed weights).
+- **Same CPU budget.** Both systems get the whole machine and {replicas} model worker(s) with one
+  torch thread each. asyncinfer runs via `asyncinfer up --no-flower` with
+  `ASYNCINFER_DEVICES={devices}` and a models file that fixes `min_workers = max_workers =
+  {replicas}` (no scale-from-zero during a run): each worker is pinned to its own core (core 0
+  for one worker) with one torch thread, as the launcher does; the gateway, batcher, autoscaler
+  and Redis float over both cores. BentoML runs `bentoml serve` with `workers={replicas}`,
+  `threads=1`, one torch thread per worker, unpinned. The generator is a separate process,
+  unpinned. Both systems are up at once and driven in turn (the other one idles), repeat after
+  repeat, so that noise from other work on the machine hits both alike.
+- **Model limit.** `bench/model_limit.py`: the model in one process pinned like a worker (one
+  core, one torch thread), no HTTP, no Redis; batch sizes 1…64, the best rows/s and the
+  batch-of-one time. Both the pure forward pass and the model's `predict` (which builds the
+  tensor from Python floats) are timed.
+- **Bare HTTP server.** `bench/trivial_server.py`: FastAPI on uvicorn with the gateway's uvicorn
+  settings, the same routes doing nothing. The submit-path ratio drives it and the gateway alone
+  (a private Redis plus `python -m gateway`, nothing consuming the queue) with the same body,
+  same closed-loop concurrency (C={http_c}), in alternation.
+- **Load generator.** `bench/loadgen.py`, its own process on uvloop. Open loop: Poisson
+  arrivals at a set rate, latency measured from the scheduled arrival (no coordinated omission),
+  at most 2,048 jobs in flight. Closed loop: C clients back to back. A job is POST submit then
+  GET `/v1/jobs/{{id}}?wait=30` until final (asyncinfer), or one POST to `/predict` (BentoML).
+  It speaks HTTP/1.1 over a keep-alive pool with a small client of its own: httpx was measured
+  first and cost about 2.6 ms of CPU per request (about 180 jobs/s at most), far below what it
+  had to drive; the own client costs {gen_us} µs per request. Against the trivial server it
+  sustained {gen_rps} requests/s while using {gen_frac} of one core, so it is not what limits any
+  figure here.
+- **Loads.** Saturation: closed loop at C = {sat_c} (best kept). Light load: open loop at
+  {light} jobs/s. Then open loop at {fractions} of asyncinfer's measured saturation throughput,
+  the same absolute rates for BentoML. Each run: {duration} s of arrivals, the first {warmup} s
+  left out of the figures, then up to 20 s for stragglers; between runs each system is let drain
+  (asyncinfer until its queue is empty).
+- **Statistics.** Throughput = successful completions inside the measured window per second;
+  p50/p99 over the jobs that arrived in the window and succeeded (failures are counted, not
+  timed); batch size = mean of `metrics.batch_size` of the jobs (asyncinfer) or of BentoML's
+  `bentoml_service_adaptive_batch_size` histogram over the run. CPU per process is read from
+  /proc before and after each run.
+"""
+
+REPRODUCE = """## Reproduce
+
+```bash
+python -m bench.run --quick            # ~4 min: one repeat, shorter runs
+python -m bench.run --full             # ~10 min: 3 interleaved repeats (these figures)
+python -m bench.run --full --replicas 2   # two model workers per system (cpu:2, workers=2)
+python -m bench.run --full --device cuda  # on a GPU (ASYNCINFER_DEVICES=cuda); skips without one
+python -m bench.report bench/results/latest.json   # redo this page and the plots from saved JSON
+```
+
+The first run makes BentoML's own virtual environment under bench/results/.venv-bentoml
+(`pip install torch==2.13.0` — the pinned CPU build — then `pip install bentoml`). Pieces run on
+their own too: `python -m bench.loadgen --help`, `python -m bench.model_limit`,
+`python -m bench.trivial_server --port 8123`, `python -m bench.profile_hotpath`.
+"""
+
+PROFILING = """## Hot path
+
+Profiled with py-spy (`python -m bench.profile_hotpath`: the gateway alone under a closed-loop
+submit load, then the whole stack under the job pattern, each process sampled) and counted with
+Redis `INFO commandstats` (Redis commands per job and per batch). Findings and changes:
+
+- **Submit is one Redis round trip**: a single `EVALSHA` of the submit script per request
+  (record, stream entry, backlog check and idempotency in Lua). Verified: 1.00 `evalsha` and no
+  other command per submit.
+- **Worker fetch/store were two round trips each, now one.** `JobStore.start` and `finish` were
+  pipelined, but redis-py's pipeline runs `SCRIPT EXISTS` in its own round trip before every
+  pipeline that holds a registered script. The store now pipelines plain `EVALSHA` and loads the
+  script only when Redis answers `NOSCRIPT`, re-running just those commands: one round trip per
+  batch each way, no per-item Redis call (verified with commandstats: `script|exists` went from
+  2 per batch to 0). The batcher's shed path uses the same `finish`.
+- **Payload parsed once, from raw bytes.** The gateway parsed the body with the standard `json`
+  module; it now parses with pydantic-core's JSON parser (same values, about 3× faster for 256
+  floats) and falls back to `json` only when that fails, so every error answer is as before.
+  Validation and the single re-encoding for the queue are unchanged (the worker validates from
+  those bytes once, with `model_validate_json`).
+- **Fewer thread hand-offs per batch in the worker.** Per-item pre/postprocess went through the
+  item thread pool one future per item (two per job, each a cross-thread wake-up of the event
+  loop); now each step hands the pool at most 4 lanes that take items in turn, so items still run
+  concurrently and still fail alone, with 4 hand-offs instead of 2 per job.
+
+Before/after (same machine, noisy; medians of 3 alternating runs of the same command):
+
+{profile_table}
+"""
+
+
+def write_report(res: dict[str, Any], docs: Path, profile_table: str | None = None) -> None:
+    a = analyse(res)
+    img = docs / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    plots(res, a, img)
+    text = markdown(res, a)
+    table = profile_table if profile_table is not None else _profile_table(docs)
+    text = text.replace("{profile_table}", table)
+    (docs / "benchmarks.md").write_text(text)
+
+
+PROFILE_START, PROFILE_END = "<!-- profile-table -->", "<!-- /profile-table -->"
+
+
+def _profile_table(docs: Path) -> str:
+    """The before/after table is measured by bench.profile_hotpath, which writes it into
+    docs/benchmarks.md between markers; a new report keeps what is there."""
+    path = docs / "benchmarks.md"
+    old = path.read_text() if path.exists() else ""
+    if PROFILE_START in old and PROFILE_END in old:
+        body = old[old.index(PROFILE_START) + len(PROFILE_START):old.index(PROFILE_END)]
+        return f"{PROFILE_START}{body}{PROFILE_END}"
+    return f"{PROFILE_START}\n(run `python -m bench.profile_hotpath` to measure.)\n{PROFILE_END}"
+
+
+# -- plots ------------------------------------------------------------------------------------
+
+
+def plots(res: dict[str, Any], a: dict[str, Any], img: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prof = res["profile"]
+    series: dict[str, list[tuple[float, dict[str, Any]]]] = {OURS: [], BENTO: []}
+    for name, light in ((OURS, a["light_o"]), (BENTO, a["light_b"])):
+        if light:
+            series[name].append((prof["light_rate"], light))
+    for pt in a["loads"]:
+        for name in (OURS, BENTO):
+            if pt.get(name):
+                series[name].append((pt["rate"], pt[name]))
+    sat = {OURS: a["sat_o"], BENTO: a["sat_b"]}
+
+    # latency vs offered load
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, pts in series.items():
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        for key, style in (("p50", "-"), ("p99", "--")):
+            ys = [p[key] for _, p in pts]
+            ax.plot(xs, ys, style, color=COLORS[name], marker="o", label=f"{name} {key}")
+        for x, p in pts:
+            if overloaded(p):
+                ax.plot([x], [p["p99"]], "x", color="black", markersize=9)
+        s = sat[name]
+        if s:
+            ax.axvline(s["throughput"], color=COLORS[name], alpha=0.3, lw=6,
+                       label=f"{name} saturation ({s['throughput']:.0f}/s)")
+    ax.axhline(a["batch1_ms"], color="gray", ls=":", label=f"model batch of one "
+               f"({a['batch1_ms']:.2f} ms)")
+    ax.axhline(a["light_budget"], color="green", ls=":", label=f"light-load target "
+               f"({a['light_budget']:.1f} ms)")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (jobs/s, Poisson)")
+    ax.set_ylabel("end-to-end latency (ms)")
+    ax.set_title("Latency vs offered load (× = overloaded: <99% ok or <95% served)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "bench-latency.png", dpi=110)
+    plt.close(fig)
+
+    # throughput and batch size vs offered load
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    top = 1.0
+    for name, pts in series.items():
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        ax1.plot(xs, [p["throughput"] for _, p in pts], "-o", color=COLORS[name], label=name)
+        ax2.plot(xs, [p["batch"] or 0 for _, p in pts], "-o", color=COLORS[name], label=name)
+        top = max(top, *xs)
+        s = sat[name]
+        if s:
+            ax1.axhline(s["throughput"], color=COLORS[name], ls="--", alpha=0.6,
+                        label=f"{name} saturation {s['throughput']:.0f}/s")
+            ax2.plot([top * 1.05], [s["batch"] or 0], "*", color=COLORS[name], markersize=12,
+                     label=f"{name} at saturation")
+    ax1.plot([0, top], [0, top], ":", color="gray", label="served = offered")
+    ax1.axhline(a["triv_jobs"] or 0, color="black", ls="-.", alpha=0.5,
+                label=f"bare HTTP, same pattern {a['triv_jobs'] or 0:.0f}/s")
+    ax1.set_xlabel("offered load (jobs/s)")
+    ax1.set_ylabel("served (successful jobs/s)")
+    ax1.set_title(f"Throughput (model alone: {a['limit_rows']:.0f} rows/s)")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("offered load (jobs/s)")
+    ax2.set_ylabel("mean batch size")
+    ax2.set_title(f"Batch size (max {MAX_BATCH_SIZE})")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "bench-throughput.png", dpi=110)
+    plt.close(fig)
+
+    # limits
+    bars = [
+        ("torch model alone (rows/s)", a["limit_rows"], "gray"),
+        ("model predict() (rows/s)", a["limit_predict_rows"], "gray"),
+        ("bare HTTP: trivial submit (req/s)", a["triv_submit"], "black"),
+        ("gateway submit path (req/s)", a["gw_submit"], COLORS[OURS]),
+        ("bare HTTP: submit + poll (jobs/s)", a["triv_jobs"], "black"),
+        ("asyncinfer saturation (jobs/s)", sat[OURS] and sat[OURS]["throughput"], COLORS[OURS]),
+        ("BentoML saturation (jobs/s)", sat[BENTO] and sat[BENTO]["throughput"], COLORS[BENTO]),
+    ]
+    bars = [(n, v, c) for n, v, c in bars if v]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh([n for n, _, _ in bars], [v for _, v, _ in bars], color=[c for _, _, c in bars])
+    for i, (_, val, _) in enumerate(bars):
+        ax.text(val * 1.02, i, f"{val:,.0f}", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_title("Limits and systems on this machine (log scale)")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(img / "bench-limits.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
+
+    args = argv if argv is not None else sys.argv[1:]
+    path = Path(args[0]) if args else REPO / "bench" / "results" / "latest.json"
+    write_report(json.loads(path.read_text()), REPO / "docs")
+    print(f"wrote {REPO / 'docs' / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()

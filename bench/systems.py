@@ -1,0 +1,375 @@
+"""The servers a benchmark drives, each started and stopped cleanly (no process left behind).
+
+- `TrivialServer`: bench.trivial_server on uvicorn (the bare HTTP ceiling).
+- `GatewayOnly`: a private Redis plus `python -m gateway`, nothing else: the submit path alone.
+- `OursStack`: `asyncinfer up --no-flower` with a models file that pins the mlp worker count.
+- `BentoServer`: `bentoml serve` of bench/bentoml_service in its own virtual environment.
+
+Every child runs in its own session and dies with this process (shared.procs.spawn), and is
+stopped by a signal to its process group, escalating to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from shared.procs import free_port, terminate, wait_port
+from shared.redisserver import RedisServer
+
+REPO = Path(__file__).resolve().parent.parent
+BENTO_DIR = REPO / "bench" / "bentoml_service"
+MODEL = "mlp"
+MAX_BATCH_SIZE = 64
+MAX_LATENCY_MS = 250
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None,
+          unset: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """A child in its own session (so its whole group can be signalled) that gets SIGTERM when
+    this process dies. `args[0] == '-m'` runs this Python."""
+    if args[0] == "-m":
+        args = [sys.executable, *args]
+    full = {k: v for k, v in os.environ.items() if k not in unset}
+    full.update(env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, cwd=cwd, env=full, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def http_json(url: str, timeout_s: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def wait_http(url: str, timeout_s: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    hint = f"; see {log}" if log else ""
+    raise RuntimeError(f"{what} did not come up at {url} within {timeout_s:.0f} s{hint}")
+
+
+def models_toml(workers: int) -> str:
+    """Only the mlp model, with exactly `workers` workers from the start (no scale from zero)."""
+    return (f"[models.{MODEL}]\n"
+            'class = "workers.builtin.mlp:MLPModel"\n'
+            f"max_batch_size = {MAX_BATCH_SIZE}\n"
+            f"max_latency_ms = {MAX_LATENCY_MS}\n"
+            f"min_workers = {workers}\n"
+            f"max_workers = {workers}\n"
+            "scale_down_delay_s = 3600\n")
+
+
+@dataclass
+class Server:
+    """Base: one child process tree, a URL, a log file."""
+
+    work_dir: Path
+    name: str = "server"
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.work_dir / f"{self.name}.log"
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            terminate(self.proc, grace_s=30)
+            self.proc = None
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+@dataclass
+class TrivialServer(Server):
+    name: str = "trivial"
+
+    def start(self) -> Self:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = spawn(["-m", "bench.trivial_server", "--port", str(self.port)],
+                          {"PYTHONPATH": str(REPO)}, self.log)
+        wait_http(f"{self.url}/healthz", 30, "trivial server", self.log)
+        return self
+
+
+def _stack_env(redis_url: str, port: int, models: Path, devices: str,
+               state: Path) -> dict[str, str]:
+    return {"ASYNCINFER_REDIS_URL": redis_url, "ASYNCINFER_GATEWAY_PORT": str(port),
+            "ASYNCINFER_MODELS": str(models), "ASYNCINFER_DEVICES": devices,
+            "ASYNCINFER_LOG_LEVEL": "WARNING", "ASYNCINFER_LOG_DIR": str(state / "logs")}
+
+
+@dataclass
+class GatewayOnly(Server):
+    """Redis and the gateway alone: submits queue up, nothing consumes them."""
+
+    name: str = "gateway-only"
+    redis: RedisServer | None = None
+
+    def start(self) -> Self:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        models = self.work_dir / "models.toml"
+        models.write_text(models_toml(1))
+        self.redis = RedisServer(self.work_dir / "redis").start()
+        env = _stack_env(self.redis.url, self.port, models, "cpu:1", self.work_dir)
+        self.proc = spawn(["-m", "gateway"], env, self.log)
+        wait_http(f"{self.url}/readyz", 60, "gateway", self.log)
+        return self
+
+    def flush(self) -> None:
+        """Drop the queued jobs between runs."""
+        if self.redis is not None:
+            import redis
+
+            client = redis.Redis.from_url(self.redis.url)
+            try:
+                client.flushall()
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        shutil.rmtree(self.work_dir / "redis", ignore_errors=True)
+
+
+@dataclass
+class OursStack(Server):
+    """`asyncinfer up --no-flower --state-dir <tmp>`: Redis, gateway, batcher, autoscaler and
+    `workers` mlp workers on ASYNCINFER_DEVICES=`devices`."""
+
+    name: str = "asyncinfer"
+    devices: str = "cpu:1"
+    workers: int = 1
+
+    def start(self) -> Self:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        models = self.work_dir / "models.toml"
+        models.write_text(models_toml(self.workers))
+        env = _stack_env("", self.port, models, self.devices, self.work_dir)
+        del env["ASYNCINFER_REDIS_URL"]  # `up` starts its own private Redis without it
+        cli = Path(sys.executable).parent / "asyncinfer"
+        cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "asyncinfer.cli"]
+        self.proc = spawn([*cmd, "up", "--no-flower", "--state-dir",
+                           str(self.work_dir / "state")], env, self.log,
+                          unset=("ASYNCINFER_REDIS_URL",))
+        if not wait_port("127.0.0.1", self.port, 90):
+            raise RuntimeError(f"asyncinfer up did not start; see {self.log}")
+        self.wait_workers(120)
+        return self
+
+    def model_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = http_json(f"{self.url}/v1/models/{MODEL}")
+        return info
+
+    def wait_workers(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"asyncinfer up exited; see {self.log}")
+            try:
+                info = self.model_info()
+                ready = [w for w in info.get("workers", []) if w.get("state") in ("ready",
+                                                                                  "busy")]
+                if len(ready) >= self.workers and info["batcher"].get("slots", 0) > 0:
+                    return
+            except (urllib.error.URLError, OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.workers} mlp worker(s) not ready in {timeout_s:.0f} s; "
+                           f"see {self.work_dir / 'state' / 'logs'}")
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Until no job is queued or running (a run's stragglers must not leak into the next)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if int(self.model_info().get("queue_depth", 0)) == 0:
+                    return True
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.25)
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            # `up` stops its children itself (autoscaler drains the workers) on SIGTERM.
+            terminate(self.proc, grace_s=60)
+            self.proc = None
+
+
+def bento_venv(root: Path) -> Path:
+    return root / ".venv-bentoml"
+
+
+def ensure_bento_venv(root: Path, log: Path) -> Path:
+    """BentoML and torch in their own virtual environment (made once, then reused)."""
+    venv = bento_venv(root)
+    py = venv / "bin" / "python"
+    marker = venv / ".complete"
+    if marker.exists() and py.exists():
+        return venv
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"bench: installing BentoML into {venv} (once; log {log})", file=sys.stderr,
+          flush=True)
+    with open(log, "ab") as out:
+        def run(*args: str) -> None:
+            subprocess.run(args, check=True, stdout=out, stderr=subprocess.STDOUT)
+
+        if not py.exists():
+            run(sys.executable, "-m", "venv", str(venv))
+        # A pinned torch resolves to the local CPU wheel; an unpinned one would pull CUDA.
+        run(str(py), "-m", "pip", "install", "-q", "torch==2.13.0")
+        run(str(py), "-m", "pip", "install", "-q", "bentoml")
+    marker.write_text("ok\n")
+    return venv
+
+
+@dataclass
+class BentoServer(Server):
+    name: str = "bentoml"
+    venv: Path = Path()
+    workers: int = 1
+    device: str = "cpu"
+
+    def start(self) -> Self:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        env = {"PYTHONPATH": str(REPO), "BENTOML_DO_NOT_TRACK": "true",
+               "BENTOML_HOME": str(self.work_dir / "bentoml-home"),
+               "BENCH_BENTO_WORKERS": str(self.workers), "BENCH_TORCH_THREADS": "1",
+               "BENCH_DEVICE": "cuda:0" if self.device.startswith("cuda") else "cpu",
+               "VIRTUAL_ENV": str(self.venv),
+               "PATH": f"{self.venv / 'bin'}:{os.environ.get('PATH', '')}"}
+        cmd = [str(self.venv / "bin" / "bentoml"), "serve", "service:MLPService",
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = spawn(cmd, env, self.log, cwd=BENTO_DIR)
+        wait_http(f"{self.url}/readyz", 180, "bentoml", self.log)
+        return self
+
+    def batch_stats(self) -> tuple[float, float]:
+        """(sum, count) of bentoml_service_adaptive_batch_size over all workers."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+                count += float(line.rsplit(" ", 1)[1])
+        return total, count
+
+
+# -- CPU accounting over a process tree -------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user+system CPU seconds) of a live process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _label(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if not words:
+        return "?"
+    if "-m" in words:
+        i = words.index("-m")
+        rest = words[i + 1:]
+        name = rest[0] if rest else "python"
+        if name == "workers" and "--index" in rest:
+            return f"worker-{rest[rest.index('--index') + 1]}"
+        return {"asyncinfer.cli": "asyncinfer-up", "workers.autoscaler": "autoscaler"}.get(
+            name, name)
+    base = Path(words[0]).name
+    if base.startswith("redis-server"):
+        return "redis"
+    if base == "bentoml" or any("bentoml" in w for w in words[:3]):
+        return "bentoml-" + ("worker" if any("worker" in w for w in words) else "serve")
+    if base == "asyncinfer":
+        return "asyncinfer-up"
+    return base
+
+
+def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of `root` and every descendant, by pid (with a readable label)."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None:
+                parents[int(entry.name)], cpu[int(entry.name)] = st
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[int, tuple[str, float]] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in cpu:
+            out[pid] = (_label(pid), cpu[pid])
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_delta(before: dict[int, tuple[str, float]],
+              after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two `tree_cpu` snapshots, summed by label."""
+    out: dict[str, float] = {}
+    for pid, (label, total) in after.items():
+        spent = total - before.get(pid, (label, 0.0))[1]
+        out[label] = out.get(label, 0.0) + max(0.0, spent)
+    return out
