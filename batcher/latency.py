@@ -44,6 +44,9 @@ class LatencyModel:
       the window's mean duration at the window's mean size; otherwise the whole cost is charged
       per row (`a = mean duration / mean rows`, `b = 0`). The second choice never makes waiting
       for more rows look profitable, which is the safe error before anything is known.
+    - `overrun`: at each refit, the `overrun_quantile` (default: the largest) of duration over
+      prediction across the window; `predict_high` scales by it, for decisions that must hold
+      for slow batches too (deadlines, shedding).
     """
 
     def __init__(
@@ -56,7 +59,7 @@ class LatencyModel:
         warmup: int = 2,
         refit_interval_s: float = 2.0,
         min_a_s: float = 1e-6,
-        overrun_quantile: float = 0.98,
+        overrun_quantile: float = 1.0,
         eager_samples: int = 10,
     ) -> None:
         self._clock = clock

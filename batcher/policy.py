@@ -137,7 +137,8 @@ class PendingQueue:
     two aging periods a low request competes as high and nothing starves. With `aging_s=None`
     priorities are ignored and the queue is plain FIFO (the baselines).
 
-    Removal is lazy: removed or taken entries stay in their deque until they reach its head.
+    Removal is lazy: removed or taken entries stay in their deque until they reach its head. An
+    entry id removed and queued again is a new entry; its stale copy is recognised by identity.
     """
 
     def __init__(self, aging_s: float | None) -> None:
@@ -194,13 +195,13 @@ class PendingQueue:
     def ordered(self, now: float) -> Iterator[Pending]:
         """Live entries in dispatch order at time `now` (a lazy merge of the priority lanes)."""
         for lane in self._lanes:
-            while lane and lane[0].entry_id not in self._live:
+            while lane and not self._is_live(lane[0]):
                 lane.popleft()
         cursors = [0, 0, 0]
         while True:
             best: tuple[int, float, int] | None = None
             for i, lane in enumerate(self._lanes):
-                while cursors[i] < len(lane) and lane[cursors[i]].entry_id not in self._live:
+                while cursors[i] < len(lane) and not self._is_live(lane[cursors[i]]):
                     cursors[i] += 1
                 if cursors[i] < len(lane):
                     head = lane[cursors[i]]
@@ -217,14 +218,24 @@ class PendingQueue:
         """Remove and return the entries whose `expires_s` is at or before `now`."""
         expired: list[Pending] = []
         while self._expiries and self._expiries[0][0] <= now:
-            _, entry_id = heapq.heappop(self._expiries)
-            expired.extend(self.remove([entry_id]))
+            expires_s, entry_id = heapq.heappop(self._expiries)
+            item = self._live.get(entry_id)
+            if item is not None and item.expires_s == expires_s:
+                expired.extend(self.remove([entry_id]))
         return expired
 
     def next_expiry(self) -> float | None:
-        while self._expiries and self._expiries[0][1] not in self._live:
+        """The earliest `expires_s` among queued entries, if any."""
+        while self._expiries:
+            expires_s, entry_id = self._expiries[0]
+            item = self._live.get(entry_id)
+            if item is not None and item.expires_s == expires_s:
+                return expires_s
             heapq.heappop(self._expiries)
-        return self._expiries[0][0] if self._expiries else None
+        return None
+
+    def _is_live(self, item: Pending) -> bool:
+        return self._live.get(item.entry_id) is item
 
 
 def take_batch(ordered: Iterable[Pending], max_rows: int) -> list[Pending]:

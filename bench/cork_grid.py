@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from batcher.policy import PolicyConfig
 from batcher.simulate import POLICIES, CostModel, SimResult, make_trace, simulate
@@ -58,6 +59,18 @@ class Setup:
         return self.cost.capacity_rps(self.max_batch_size, self.slots)
 
 
+class Grid(TypedDict):
+    """What a run of the grid produced (also the JSON file's shape)."""
+
+    setup: dict[str, float]
+    capacity_rps: float
+    seconds: float
+    seeds: int
+    loads: list[float]
+    mean: dict[str, dict[str, dict[str, float]]]  # policy -> load -> metric -> mean
+    runs: list[dict[str, float | str]]
+
+
 def _run(task: tuple[Setup, str, float, int, float]) -> tuple[str, float, int, SimResult]:
     setup, policy, load, seed, seconds = task
     trace = make_trace("poisson", load * setup.capacity_rps, seconds, seed)
@@ -65,7 +78,7 @@ def _run(task: tuple[Setup, str, float, int, float]) -> tuple[str, float, int, S
     return policy, load, seed, result
 
 
-def run_grid(setup: Setup, seconds: float, seeds: int, workers: int) -> dict[str, object]:
+def run_grid(setup: Setup, seconds: float, seeds: int, workers: int) -> Grid:
     """Every policy at every load and seed; returns raw runs and per-(policy, load) means."""
     policies = (*SHOWN, "reference-rr")
     tasks = [(setup, p, load, s, seconds) for p in policies for load in LOADS
@@ -79,11 +92,11 @@ def run_grid(setup: Setup, seconds: float, seeds: int, workers: int) -> dict[str
             mean.setdefault(policy, {})[str(load)] = {
                 k: statistics.fmean(float(r[k]) for r in rs) for k in rs[0]
             }
-    return {
-        "setup": asdict(setup), "capacity_rps": setup.capacity_rps, "seconds": seconds,
-        "seeds": seeds, "loads": list(LOADS), "mean": mean,
-        "runs": [{"policy": p, "load": lo, "seed": s, **asdict(r)} for p, lo, s, r in runs],
-    }
+    return Grid(
+        setup=asdict(setup), capacity_rps=setup.capacity_rps, seconds=seconds, seeds=seeds,
+        loads=list(LOADS), mean=mean,
+        runs=[{"policy": p, "load": lo, "seed": s, **asdict(r)} for p, lo, s, r in runs],
+    )
 
 
 def _ratio(ours: float, ref: float) -> str:
@@ -92,13 +105,9 @@ def _ratio(ours: float, ref: float) -> str:
     return f"{ours / ref:.2f}"
 
 
-def tables(grid: dict[str, object]) -> str:
+def tables(grid: Grid) -> str:
     """The Markdown for docs/batching.md."""
-    mean = grid["mean"]
-    assert isinstance(mean, dict)
-    setup = grid["setup"]
-    assert isinstance(setup, dict)
-    cap = float(grid["capacity_rps"])  # type: ignore[arg-type]
+    mean, setup, cap = grid["mean"], grid["setup"], grid["capacity_rps"]
     lines = [
         f"Setup: batch cost {setup['a_ms']:g} ms/row + {setup['b_ms']:g} ms "
         f"(±{100 * setup['noise']:.0f}% log-normal), {setup['slots']} worker slots, "
@@ -139,16 +148,14 @@ def tables(grid: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def plot(grid: dict[str, object], path: Path) -> None:
+def plot(grid: Grid, path: Path) -> None:
     """Throughput, p99, late share and batch size against load, one line per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mean = grid["mean"]
-    assert isinstance(mean, dict)
-    cap = float(grid["capacity_rps"])  # type: ignore[arg-type]
+    mean, cap = grid["mean"], grid["capacity_rps"]
     panels = [("throughput_rps", "throughput (req/s)", False), ("p99_ms", "p99 latency (ms)", True),
               ("late_share", "share past max_latency_ms", False),
               ("mean_batch_rows", "mean batch (rows)", False)]
@@ -172,18 +179,53 @@ def plot(grid: dict[str, object], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_vs_reference(grid: Grid, path: Path) -> None:
+    """Ours against the reference: p99 and late share side by side, and the ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = grid["mean"]
+    xs = [100 * load for load in LOADS]
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(14, 4.2))
+    for policy in ("cork", "reference", "reference-rr"):
+        left.plot(xs, [mean[policy][str(x)]["p99_ms"] for x in LOADS], marker="o",
+                  label=NAMES[policy])
+        mid.plot(xs, [100 * mean[policy][str(x)]["late_share"] for x in LOADS], marker="o",
+                 label=NAMES[policy])
+    left.set_ylabel("p99 latency (ms)")
+    mid.set_ylabel("% of requests past max_latency_ms")
+    ours, ref = mean["cork"], mean["reference"]
+    for key, label in (("throughput_rps", "throughput"), ("p99_ms", "p99"),
+                       ("shed_share", "shed share")):
+        pairs = [(x, ours[str(load)][key] / ref[str(load)][key])
+                 for x, load in zip(xs, LOADS, strict=True) if ref[str(load)][key] > 0]
+        right.plot([x for x, _ in pairs], [r for _, r in pairs], marker="o", label=label)
+    right.axhline(1.0, color="k", lw=0.8)
+    right.set_ylabel("ours / ReferenceCork")
+    for ax in (left, mid, right):
+        ax.set_xlabel("offered load (% of capacity)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def update_doc(markdown: str, doc: Path) -> None:
     text = doc.read_text()
     start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
-    doc.write_text(text[:start] + "\n" + markdown + "\n\n![grid](img/cork_grid.png)\n"
-                   + text[end:])
+    images = ("\n\n![ours against the reference](img/cork_vs_reference.png)\n\n"
+              "![all policies](img/cork_grid.png)\n")
+    doc.write_text(text[:start] + "\n" + markdown + images + text[end:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cork_grid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=20.0, help="length of each trace")
-    p.add_argument("--seeds", type=int, default=3, help="runs averaged per point")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of each trace")
+    p.add_argument("--seeds", type=int, default=5, help="runs averaged per point")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--quick", action="store_true", help="4 s traces, 1 seed, no docs update")
     args = p.parse_args(argv)
@@ -196,8 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown)
     if not args.quick:
         plot(grid, IMG / "cork_grid.png")
+        plot_vs_reference(grid, IMG / "cork_vs_reference.png")
         update_doc(markdown, DOC)
-    print(f"\n{len(grid['runs'])} runs in {time.monotonic() - started:.0f} s; "  # type: ignore[arg-type]
+    print(f"\n{len(grid['runs'])} runs in {time.monotonic() - started:.0f} s; "
           f"results in {RESULTS.relative_to(ROOT)}")
     return 0
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import inputs
 from gateway.auth import ApiKeys
@@ -51,17 +52,17 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
         store = JobStore(redis, result_ttl_s=settings.result_ttl_s, job_ttl_s=settings.job_ttl_s,
                          idempotency_ttl_s=settings.idempotency_ttl_s,
                          max_attempts=settings.max_attempts)
-        waiters = CompletionWaiters(connect(settings, block_s=3600))
-        waiters.start()
         webhooks = WebhookDeliverer(connect(settings, block_s=READ_BLOCK_S), settings)
         webhooks.start()
+        waiters = CompletionWaiters(connect(settings, block_s=3600))
+        waiters.start()
         app.state.deps = Deps(settings, specs, store, waiters, ApiKeys(settings.api_keys),
                               GatewayMetrics(redis, specs))
         log.info("gateway started models=%s auth=%s", ",".join(specs),
                  app.state.deps.keys.enabled)
         yield
-        await webhooks.stop()
         await waiters.stop()
+        await webhooks.stop()
         await redis.aclose()
 
     app = FastAPI(title="asyncinfer", version="0.1.0", lifespan=lifespan)
@@ -74,6 +75,13 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
     async def _redis(_: Request, exc: RedisError) -> JSONResponse:
         err = Unavailable(f"Redis is unreachable: {type(exc).__name__}")
         return JSONResponse(err.body(), status_code=err.status, headers={"Retry-After": "1"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing errors (no such path, wrong method) in the contract's error shape too.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

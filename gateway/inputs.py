@@ -50,17 +50,22 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_json(raw: bytes) -> Any:
     """The body's JSON, parsed once from the raw bytes. pydantic-core's parser gives the same
     values as `json` several times faster (a 256-float input: ~15 µs instead of ~45 µs); what it
     refuses (a BOM, a lone surrogate, UTF-16, invalid JSON) goes through `json`, which accepts
     or rejects it exactly as before."""
     try:
-        return from_json(raw, allow_inf_nan=True)
+        return from_json(raw, allow_inf_nan=False)
     except ValueError:
         pass
     try:
-        return json.loads(raw)
+        # NaN and Infinity are not JSON; they would also not survive the trip to the worker.
+        return json.loads(raw, parse_constant=_no_constants)
     except ValueError as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}", field="body") from exc
 

@@ -120,7 +120,10 @@ class WebhookDeliverer:
         tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(tasks, timeout=0.5) if tasks else ((), set())
+        if stuck:  # cancellation swallowed (3.11 wait_for in redis-py): end the blocked read
+            await self.redis.connection_pool.disconnect()
+            await asyncio.wait(stuck, timeout=READ_BLOCK_S + 1)
         with contextlib.suppress(RedisError, OSError):
             if self._held:  # IDLE makes them look abandoned now, not after reclaim_idle_s
                 await self.redis.xclaim(self.stream, keys.WEBHOOK_GROUP, self.consumer, 0,
@@ -142,8 +145,9 @@ class WebhookDeliverer:
                     group.create_task(self._read_loop())
                     group.create_task(self._schedule_loop())
             except* (RedisError, OSError) as errors:
-                log.warning("webhook deliverer reconnecting error=%r", errors.exceptions[0])
-                await asyncio.sleep(REDIS_RETRY_S)
+                if not self._stopping:
+                    log.warning("webhook deliverer reconnecting error=%r", errors.exceptions[0])
+                    await asyncio.sleep(REDIS_RETRY_S)
 
     def _idle_ms(self) -> int:
         return int(self.s.reclaim_idle_s * 1000)

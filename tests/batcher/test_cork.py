@@ -159,6 +159,22 @@ def test_canceled_requests_never_reach_a_batch() -> None:
     assert released == ["r0", "r2", "r3", "r5"]
 
 
+def test_an_entry_removed_and_queued_again_is_released_once() -> None:
+    clock = FakeClock()
+    p = make(clock, max_batch_size=32)
+    calibrate(p, clock)
+    for i in range(4):
+        p.add(item(f"r{i}", clock.now, expires=clock.now + 0.010))
+    p.remove(["r1"])
+    p.add(item("r1", clock.now, expires=clock.now + 60.0))  # redelivered with a longer ttl
+    clock.now += 0.020
+    shed = p.decide(0)
+    assert isinstance(shed, Shed) and shed.reason == "expired"
+    assert sorted(e.entry_id for e in shed.entries) == ["r0", "r2", "r3"]
+    assert [e.entry_id for e in release(p.decide(1)).entries] == ["r1"]
+    assert p.queue_rows == 0
+
+
 def test_under_backlog_every_release_is_a_full_batch() -> None:
     clock = FakeClock()
     p = make(clock, max_batch_size=16)

@@ -1,0 +1,98 @@
+"""API fuzzing with hypothesis: any body, path or header gives a contract status and shape,
+never a 500."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.app import create_app
+from shared.settings import Settings
+
+JOB_KEYS = {"id", "model", "status", "created_at", "metrics"}
+ALLOWED = {200, 202, 404, 405, 409, 413, 422, 429}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=5),
+    max_leaves=20)
+synthetic_inputs = st.fixed_dictionaries(
+    {"x": st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5)},
+    optional={"fail": st.sampled_from([None, "nope", "predict"]),
+              "sleep_s": st.floats(min_value=-1, max_value=100)})
+envelopes = st.fixed_dictionaries(
+    {"input": synthetic_inputs | json_values},
+    optional={"priority": st.sampled_from(["high", "normal", "low", "urgent", 3]),
+              "ttl_s": st.floats(allow_nan=False) | st.integers() | st.text(max_size=3),
+              "webhook": st.text(max_size=30) | st.just("http://127.0.0.1:9/hook")})
+
+
+@pytest.fixture(scope="module")
+def api(redis_server: Any) -> Iterator[TestClient]:
+    s = Settings(redis_url=redis_server.url, models=None, max_body_bytes=4096)
+    with TestClient(create_app(s)) as client:
+        yield client
+
+
+def _check(r: Any) -> None:
+    assert r.status_code in ALLOWED, (r.status_code, r.text)
+    body = r.json()
+    if r.status_code >= 400:
+        assert set(body["error"]) >= {"type", "message"}, body
+    elif "jobs" in body:
+        assert all(JOB_KEYS <= set(j) for j in body["jobs"])
+    else:
+        assert JOB_KEYS <= set(body) and body["status"] in {"queued", "running", "succeeded",
+                                                            "failed", "canceled", "expired"}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=envelopes | json_values, model=st.sampled_from(["synthetic", "mlp", "x y", "ü"]),
+       prefer=st.sampled_from(["", "wait=0", "wait=abc", "respond-async, wait=0.01"]))
+def test_submit_never_500(api: TestClient, body: Any, model: str, prefer: str) -> None:
+    r = api.post(f"/v1/models/{model}/jobs", content=json.dumps(body),
+                 headers={"content-type": "application/json", "prefer": prefer,
+                          "idempotency-key": "k" if isinstance(body, dict) else ""})
+    _check(r)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(inputs=st.lists(synthetic_inputs | json_values, max_size=4) | json_values)
+def test_batch_submit_never_500(api: TestClient, inputs: Any) -> None:
+    _check(api.post("/v1/models/synthetic/jobs:batch", json={"inputs": inputs}))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=st.binary(max_size=5000),
+       job=st.text(min_size=1, max_size=40),
+       wait=st.sampled_from(["", "0", "-1", "abc", "0.01", "1e9"]))
+def test_raw_bytes_and_odd_ids_never_500(api: TestClient, raw: bytes, job: str,
+                                         wait: str) -> None:
+    _check(api.post("/v1/models/synthetic/jobs", content=raw,
+                    headers={"content-type": "application/json"}))
+    safe = quote(job, safe="")
+    for r in (api.get(f"/v1/jobs/{safe}", params={"wait": wait} if wait else None),
+              api.delete(f"/v1/jobs/{safe}")):
+        _check(r)
+
+
+def test_non_finite_numbers_are_422(api: TestClient) -> None:
+    for literal in (b"NaN", b"Infinity", b"-Infinity"):
+        r = api.post("/v1/models/synthetic/jobs", content=b'{"input": {"x": ' + literal + b"}}",
+                     headers={"content-type": "application/json"})
+        assert r.status_code == 422, literal
+
+
+def test_openapi_schema_lists_the_contract_paths(api: TestClient) -> None:
+    paths = set(api.get("/openapi.json").json()["paths"])
+    assert {"/v1/models/{model}/jobs", "/v1/models/{model}/jobs:batch", "/v1/jobs/{job_id}",
+            "/v1/models", "/v1/models/{model}", "/healthz", "/readyz", "/metrics"} <= paths

@@ -1,0 +1,103 @@
+"""Backpressure, idempotency, API keys and record lifetimes against the real app and Redis."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import redis
+
+from gateway.app import create_app
+from shared import keys
+from shared.settings import Settings
+
+
+@pytest.fixture
+async def keyed(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    digests = [hashlib.sha256(k.encode()).hexdigest() for k in ("alpha-key", "beta-key")]
+    app = create_app(settings.model_copy(update={"api_keys": digests}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            yield c
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_api_keys_401_without_or_with_a_wrong_key(keyed: httpx.AsyncClient) -> None:
+    for headers in ({}, _auth("nope"), {"Authorization": "Basic abc"}):
+        r = await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}},
+                             headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    assert (await keyed.get("/v1/models", headers={})).status_code == 401
+    # Liveness and metrics stay open on purpose (probes and scrapers carry no key).
+    assert (await keyed.get("/healthz")).status_code == 200
+    assert (await keyed.get("/metrics")).status_code == 200
+
+
+async def test_a_job_of_another_key_is_404(keyed: httpx.AsyncClient) -> None:
+    r = await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}},
+                         headers=_auth("alpha-key"))
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    assert (await keyed.get(f"/v1/jobs/{job_id}", headers=_auth("alpha-key"))).status_code == 200
+    assert (await keyed.get(f"/v1/jobs/{job_id}", headers=_auth("beta-key"))).status_code == 404
+    assert (await keyed.delete(f"/v1/jobs/{job_id}",
+                               headers=_auth("beta-key"))).status_code == 404
+
+
+async def test_idempotency_key_replays_and_conflicts(keyed: httpx.AsyncClient) -> None:
+    body = {"input": {"x": 7}}
+    h = {**_auth("alpha-key"), "Idempotency-Key": "order-42"}
+    first = await keyed.post("/v1/models/synthetic/jobs", json=body, headers=h)
+    again = await keyed.post("/v1/models/synthetic/jobs", json=body, headers=h)
+    assert first.status_code == 202 and again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    other = await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 8}}, headers=h)
+    assert other.status_code == 409 and other.json()["error"]["type"] == "conflict"
+    # The same key under another API key is another namespace.
+    theirs = await keyed.post("/v1/models/synthetic/jobs", json=body,
+                              headers={**_auth("beta-key"), "Idempotency-Key": "order-42"})
+    assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]
+
+
+async def test_backlog_over_max_queue_is_429_with_retry_after(client: httpx.AsyncClient,
+                                                              settings: Settings) -> None:
+    # tests/models.toml sets max_queue = 500 for the synthetic model.
+    r = await client.post("/v1/models/synthetic/jobs:batch",
+                          json={"inputs": [{"x": i} for i in range(500)]})
+    assert r.status_code == 202
+    full = await client.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}})
+    assert full.status_code == 429
+    assert int(full.headers["retry-after"]) >= 1
+    assert full.json()["error"]["type"] == "queue_full"
+    # The refused job left nothing behind.
+    assert redis.Redis.from_url(settings.redis_url).xlen(keys.stream("synthetic", "normal")) \
+        == 500
+
+
+async def test_retry_after_follows_the_drain_rate(client: httpx.AsyncClient,
+                                                  settings: Settings) -> None:
+    r = redis.Redis.from_url(settings.redis_url)
+    await client.post("/v1/models/synthetic/jobs:batch",
+                      json={"inputs": [{"x": i} for i in range(500)]})
+    # The batcher publishes its drain rate; 10 rows/s against a backlog of 500 - 250 allowed.
+    r.set(keys.batcher_state("synthetic"), '{"drain_rows_per_s": 10.0}')
+    full = await client.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}})
+    assert full.status_code == 429 and full.headers["retry-after"] == "25"
+
+
+async def test_records_carry_their_lifetimes(client: httpx.AsyncClient,
+                                             settings: Settings) -> None:
+    r = redis.Redis.from_url(settings.redis_url)
+    job = (await client.post("/v1/models/synthetic/jobs",
+                             json={"input": {"x": 1}, "ttl_s": 60})).json()
+    ttl_ms = r.pttl(keys.job(job["id"]))
+    # A queued record lives for its ttl plus the result lifetime, never forever.
+    assert 0 < ttl_ms <= (60 + settings.result_ttl_s) * 1000
+    await client.delete(f"/v1/jobs/{job['id']}")
+    assert 0 < r.pttl(keys.job(job["id"])) <= keys.CANCELED_TTL_S * 1000
