@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -34,6 +34,28 @@ log = logging.getLogger(__name__)
 PolicyFactory = Callable[[PolicyConfig], BatchingPolicy]
 READ_BLOCK_MS = 1000
 REFRESH_S = 1.0
+
+
+QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class WaitHistogram:
+    """Submit-to-dispatch waits, cumulative like a Prometheus histogram (rendered by the
+    gateway's /metrics from the published state)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(QUEUE_WAIT_BUCKETS_S) + 1))
+    total_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total_s += seconds
+        i = next((i for i, b in enumerate(QUEUE_WAIT_BUCKETS_S) if seconds <= b),
+                 len(QUEUE_WAIT_BUCKETS_S))
+        self.counts[i] += 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {"buckets_s": list(QUEUE_WAIT_BUCKETS_S), "counts": self.counts,
+                "sum_s": self.total_s}
 
 
 @dataclass
@@ -69,6 +91,8 @@ class ModelBatcher:
         self.wake = asyncio.Event()
         self.reasons: Counter[str] = Counter()
         self._last_report = "$"
+        self.batch_rows: Counter[int] = Counter()
+        self.queue_wait = WaitHistogram()
         self._next_reclaim = 0.0
         self.completed_rows: list[tuple[float, int]] = []
         # Above the longest a healthy batch can hold its entries: its time limit, with margin.
@@ -248,6 +272,10 @@ class ModelBatcher:
             self.celery.send_task, BATCH_TASK, args=args,
             queue=keys.celery_queue(self.spec.name)), timeout=10)
         self.reasons[reason] += 1
+        self.batch_rows[sum(e.rows for e in entries)] += 1
+        wall = time.time()
+        for e in entries:
+            self.queue_wait.observe(wall - e.submitted_ms / 1000)
         room = getattr(self, "_room", None)
         if room is not None:
             room.set()
@@ -276,6 +304,7 @@ class ModelBatcher:
             "free_slots": self.free_slots(), "workers": workers, "warning": snap.warning,
             "drain_rows_per_s": sum(n for _, n in self.completed_rows) / span,
             "dispatch_reasons": dict(self.reasons), "batcher": self.consumer,
+            "batch_rows": dict(self.batch_rows), "queue_wait": self.queue_wait.as_dict(),
         }
         await self.redis.set(keys.batcher_state(self.spec.name), json.dumps(state),
                              ex=keys.BATCHER_STATE_TTL_S)

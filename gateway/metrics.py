@@ -3,16 +3,48 @@ workers, batcher fit, jobs by final status) read from Redis at scrape time."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 
 from shared import keys
 from shared.heartbeats import live_workers
 from shared.modelspec import ModelSpec
 
 SUBMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class _Histograms:
+    """Batch size and queue wait histograms, rebuilt from each batcher's published state."""
+
+    def __init__(self, states: dict[str, dict[str, Any]]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        sizes = HistogramMetricFamily("asyncinfer_batch_rows", "Rows per dispatched batch",
+                                      labels=["model"])
+        waits = HistogramMetricFamily("asyncinfer_queue_wait_seconds",
+                                      "Submit to dispatch wait", labels=["model"])
+        for model, state in self.states.items():
+            rows = {int(k): int(v) for k, v in (state.get("batch_rows") or {}).items()}
+            if rows:
+                bounds = sorted(rows)
+                cum = list(itertools.accumulate(rows[b] for b in bounds))
+                sizes.add_metric([model], [(str(float(b)), c) for b, c in zip(bounds, cum,
+                                                                               strict=True)]
+                                 + [("+Inf", cum[-1])], sum(b * n for b, n in rows.items()))
+            wait = state.get("queue_wait")
+            if wait:
+                cum = list(itertools.accumulate(wait["counts"]))
+                buckets = [(str(b), c) for b, c in zip(wait["buckets_s"], cum, strict=False)]
+                waits.add_metric([model], [*buckets, ("+Inf", cum[-1])], wait["sum_s"])
+        yield sizes
+        yield waits
 
 
 class GatewayMetrics:
@@ -41,6 +73,7 @@ class GatewayMetrics:
         self.submit_seconds.labels(model).observe(seconds)
 
     async def render(self) -> bytes:
+        states: dict[str, dict[str, Any]] = {}
         for model in self.specs:
             pipe = self.redis.pipeline(transaction=False)
             for p in ("high", "normal", "low"):
@@ -51,16 +84,17 @@ class GatewayMetrics:
             self.queue_depth.labels(model).set(sum(lens))
             for status, count in stats.items():
                 self.jobs_final.labels(model, status).set(int(count))
-            states = {"starting": 0, "ready": 0, "busy": 0, "draining": 0}
+            by_state = {"starting": 0, "ready": 0, "busy": 0, "draining": 0}
             for w in await live_workers(self.redis, model):
-                states[w["state"]] = states.get(w["state"], 0) + 1
-            for state, n in states.items():
-                self.workers.labels(model, state).set(n)
+                by_state[w["state"]] = by_state.get(w["state"], 0) + 1
+            for worker_state, n in by_state.items():
+                self.workers.labels(model, worker_state).set(n)
             state = json.loads(state_raw) if state_raw else {}
+            states[model] = state
             for name in ("a_s", "b_s", "avg_wait_ms", "in_flight", "queue_rows", "slots",
                          "drain_rows_per_s"):
                 if isinstance(state.get(name), int | float):
                     self.batcher.labels(model, name).set(state[name])
             for reason, n in (state.get("dispatch_reasons") or {}).items():
                 self.dispatches.labels(model, reason).set(n)
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + generate_latest(_Histograms(states))

@@ -112,3 +112,36 @@ async def test_canceled_queued_job_is_never_computed(procs: Procs, settings: Set
     assert [d["status"] for d in done] == ["succeeded", "canceled", "succeeded", "succeeded"]
     assert done[1]["metrics"]["attempts"] == 0  # type: ignore[index]
     assert done[1]["started_at"] is None
+
+
+async def test_batches_grow_with_load(procs: Procs, settings: Settings) -> None:
+    procs.batcher()
+    procs.worker("synthetic")
+    url = procs.gateway()
+    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    stream = keys.completions("synthetic")
+
+    def rows_since(mark: str) -> list[int]:
+        entries: list[tuple[str, dict[str, str]]] = r.xrange(stream, f"({mark}")  # type: ignore[assignment]
+        return [int(f["rows"]) for _, f in entries]
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for i in range(20):  # light: one request at a time
+            done = await client.post("/v1/models/synthetic/jobs", json={"input": {"x": i}},
+                                     headers={"Prefer": "wait=10"})
+            assert done.status_code == 200
+        light = rows_since("0-0")
+        mark = r.xrevrange(stream, count=1)[0][0]  # type: ignore[index]
+        jobs = (await client.post("/v1/models/synthetic/jobs:batch",
+                                  json={"inputs": [{"x": i} for i in range(400)]})).json()
+        await asyncio.gather(*(_final(client, j["id"]) for j in jobs["jobs"]))
+        heavy = rows_since(mark)
+        metrics = (await client.get("/metrics")).text
+    light_mean, heavy_mean = sum(light) / len(light), sum(heavy) / len(heavy)
+    print(f"mean batch size: light={light_mean:.2f} saturating={heavy_mean:.2f} "
+          f"ratio={heavy_mean / light_mean:.1f}")
+    assert heavy_mean >= 4 * light_mean
+    assert max(heavy) <= 16  # max_batch_size of the test model
+    assert 'asyncinfer_batch_rows_bucket{le="16.0",model="synthetic"}' in metrics
+    assert "asyncinfer_queue_wait_seconds_count" in metrics
