@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from workers.scaling import ScaleConfig, ScaleInputs, ScalingPolicy
 
 
@@ -72,7 +74,7 @@ def test_square_wave_never_scales_down_more_than_once_per_window() -> None:
         if d.action == "down":
             downs.append(clock.now)
         live += d.delta
-    assert all(b - a >= 20 for a, b in zip(downs, downs[1:], strict=False))
+    assert all(b - a >= 20 for a, b in itertools.pairwise(downs))
     assert live == 4  # the load comes back before it has stayed low for the delay
 
 
@@ -95,6 +97,6 @@ def test_min_workers_kept_without_load() -> None:
 
 
 def test_no_scale_down_while_workers_start() -> None:
-    policy, clock = _policy(delay=0)
+    policy, _clock = _policy(delay=0)
     d = policy.decide(_inputs(queued=0, live=2, starting=1, free=1))
     assert d.action == "hold"
