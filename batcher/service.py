@@ -111,10 +111,17 @@ class ModelBatcher:
         any of them surfaces here instead of disappearing."""
         await self.streams.ensure_groups()
         self._accept(await self.streams.read_own_pending())
-        async with asyncio.TaskGroup() as tg:
-            for name, step in (("read", self._read_once), ("done", self._completions_once),
-                               ("refresh", self._refresh_once), ("decide", self._decide_once)):
-                tg.create_task(self._forever(name, step), name=f"{name}:{self.spec.name}")
+        self._cancels = self.reader.pubsub(ignore_subscribe_messages=True)
+        await self._cancels.subscribe(keys.cancel_channel(self.spec.name))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, step in (("read", self._read_once), ("done", self._completions_once),
+                                   ("refresh", self._refresh_once),
+                                   ("decide", self._decide_once),
+                                   ("cancel", self._cancels_once)):
+                    tg.create_task(self._forever(name, step), name=f"{name}:{self.spec.name}")
+        finally:
+            await self._cancels.aclose()  # type: ignore[no-untyped-call]
 
     async def _forever(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
         """Repeat `step`, riding out Redis outages in place. Redis errors must not tear the loops
@@ -175,6 +182,15 @@ class ModelBatcher:
             for entry_id, fields in entries:
                 self._last_report = entry_id
                 self._complete(fields.get("batch", ""), int(fields.get("rows", 0)))
+
+    async def _cancels_once(self) -> None:
+        """Drop canceled entries from the read-ahead: they must never reach a batch."""
+        msg = await self._cancels.get_message(timeout=READ_BLOCK_MS / 1000)
+        if msg and msg.get("type") == "message":
+            entry_id = str(msg["data"])
+            if self.held.pop(entry_id, None) is not None:
+                self.policy.remove([entry_id])
+                self.wake.set()
 
     def _complete(self, batch_id: str, rows: int) -> None:
         flight = self.in_flight.pop(batch_id, None)

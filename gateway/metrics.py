@@ -65,6 +65,8 @@ class GatewayMetrics:
                              registry=r)
         self.batcher = Gauge("asyncinfer_batcher", "Batcher live values", ["model", "value"],
                              registry=r)
+        self.autoscaler = Gauge("asyncinfer_autoscaler", "Inputs and output of the last scaling "
+                                "decision", ["model", "value"], registry=r)
         self.dispatches = Gauge("asyncinfer_batcher_dispatches", "Batches released by reason",
                                 ["model", "reason"], registry=r)
 
@@ -80,7 +82,12 @@ class GatewayMetrics:
                 pipe.xlen(keys.stream(model, p))
             pipe.hgetall(keys.stats(model))
             pipe.get(keys.batcher_state(model))
-            *lens, stats, state_raw = await pipe.execute()
+            pipe.lindex(keys.scale_history(model), 0)
+            *lens, stats, state_raw, decision_raw = await pipe.execute()
+            if decision_raw:
+                decision = json.loads(decision_raw)
+                for name in ("desired", "live", "starting", "queued", "in_flight"):
+                    self.autoscaler.labels(model, name).set(decision[name])
             self.queue_depth.labels(model).set(sum(lens))
             for status, count in stats.items():
                 self.jobs_final.labels(model, status).set(int(count))

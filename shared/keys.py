@@ -19,6 +19,15 @@ INFLIGHT_CONSUMER = "inflight"
 # Pub/sub channel carrying the id of every job that reached a final state (long-poll wake-ups).
 FINAL_CHANNEL = f"{PREFIX}:ev:final"
 
+# Channel prefix on which a cancel announces the stream entry it removed, per model, so the
+# batcher drops the entry from its read-ahead before it reaches a batch.
+CANCEL_CHANNEL_PREFIX = f"{PREFIX}:ev:cancel:"
+
+
+def cancel_channel(model: str) -> str:
+    return f"{CANCEL_CHANNEL_PREFIX}{model}"
+
+
 # Caps on auxiliary streams; approximate trimming keeps them bounded without a sweeper.
 COMPLETIONS_MAXLEN = 10_000
 DEAD_LETTER_MAXLEN = 10_000

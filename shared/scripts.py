@@ -85,7 +85,8 @@ end
 return written
 """
 
-# KEYS: job key, webhook stream. ARGV: owner, now_ms, ttl_ms, channel, group, stats prefix.
+# KEYS: job key, webhook stream. ARGV: owner, now_ms, ttl_ms, channel, group, stats prefix,
+# cancel channel prefix.
 # Returns {'ok'} | {'final', status} | {'missing'}.
 CANCEL = """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'stream', 'entry', 'id')
@@ -104,6 +105,7 @@ end
 if cur[3] then
   redis.call('XACK', cur[3], ARGV[5], cur[4])
   redis.call('XDEL', cur[3], cur[4])
+  redis.call('PUBLISH', ARGV[7] .. redis.call('HGET', KEYS[1], 'model'), cur[4])
 end
 return {'ok'}
 """

@@ -132,7 +132,7 @@ class JobStore:
         reply = await self._cancel(
             keys=[keys.job(job_id), keys.webhooks()],
             args=[owner, now_ms(), keys.CANCELED_TTL_S * 1000, keys.FINAL_CHANNEL,
-                  keys.BATCHER_GROUP, keys.STATS_PREFIX],
+                  keys.BATCHER_GROUP, keys.STATS_PREFIX, keys.CANCEL_CHANNEL_PREFIX],
         )
         kind = _s(reply[0])
         if kind == "missing":

@@ -145,3 +145,28 @@ async def test_batches_grow_with_load(procs: Procs, settings: Settings) -> None:
     assert max(heavy) <= 16  # max_batch_size of the test model
     assert 'asyncinfer_batch_rows_bucket{le="16.0",model="synthetic"}' in metrics
     assert "asyncinfer_queue_wait_seconds_count" in metrics
+
+
+async def test_cancel_drops_the_entry_from_the_batchers_read_ahead(procs: Procs,
+                                                                    settings: Settings) -> None:
+    import json
+
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+
+    def held() -> int:
+        raw = r.get(keys.batcher_state("synthetic"))
+        return int(json.loads(raw)["held"]) if raw else -1  # type: ignore[arg-type]
+
+    procs.batcher()  # no worker yet: the batcher reads ahead and holds the entries
+    url = procs.gateway()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        jobs = (await client.post("/v1/models/synthetic/jobs:batch",
+                                  json={"inputs": [{"x": i} for i in range(3)]})).json()["jobs"]
+        wait_until(lambda: held() == 3, 30, "the batcher holding 3 entries")
+        await client.delete(f"/v1/jobs/{jobs[1]['id']}")
+        wait_until(lambda: held() == 2, 30, "the canceled entry dropped")
+        procs.worker("synthetic")
+        done = await asyncio.gather(*(_final(client, j["id"]) for j in jobs))
+    assert [d["status"] for d in done] == ["succeeded", "canceled", "succeeded"]
+    entries: list[tuple[str, dict[str, str]]] = r.xrange(keys.completions("synthetic"))  # type: ignore[assignment]
+    assert sum(int(f["rows"]) for _, f in entries) == 2  # the canceled job reached no batch
