@@ -132,7 +132,7 @@ async def test_batches_grow_with_load(procs: Procs, settings: Settings) -> None:
                                      headers={"Prefer": "wait=10"})
             assert done.status_code == 200
         light = rows_since("0-0")
-        mark = r.xrevrange(stream, count=1)[0][0]  # type: ignore[index]
+        mark = str(r.xrevrange(stream, count=1)[0][0])  # type: ignore[index]
         jobs = (await client.post("/v1/models/synthetic/jobs:batch",
                                   json={"inputs": [{"x": i} for i in range(400)]})).json()
         await asyncio.gather(*(_final(client, j["id"]) for j in jobs["jobs"]))
@@ -155,7 +155,7 @@ async def test_cancel_drops_the_entry_from_the_batchers_read_ahead(procs: Procs,
 
     def held() -> int:
         raw = r.get(keys.batcher_state("synthetic"))
-        return int(json.loads(raw)["held"]) if raw else -1  # type: ignore[arg-type]
+        return int(json.loads(raw)["held"]) if raw else -1
 
     procs.batcher()  # no worker yet: the batcher reads ahead and holds the entries
     url = procs.gateway()
