@@ -110,7 +110,7 @@ def test_kill_gateway_between_submit_and_answer(procs: Procs, settings: Settings
     procs.batcher()
     procs.worker("synthetic", 1)
     first = procs.gateway()
-    gateways = [p for p in procs.all if "gateway" in " ".join(map(str, p.args))]
+    gateways = [p for p in procs.all if "gateway" in str(p.args)]
 
     def fault() -> None:
         os.killpg(gateways[0].pid, signal.SIGKILL)
