@@ -156,13 +156,15 @@ def test_sigterm_drains_the_running_batch_then_exits(procs: Procs, settings: Set
     url = procs.gateway()
     wait_until(workers_ready(settings, "synthetic", 1), 60, "worker")
     ids = _jobs(url, [{"x": i, "sleep_s": 2.0} for i in range(3)])
-    wait_until(lambda: all(_status(url, j) == "running" for j in ids), 30, "batch running")
+    wait_until(lambda: any(_status(url, j) == "running" for j in ids), 30, "a batch running")
+    running = [j for j in ids if _status(url, j) == "running"]
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
-    assert [_status(url, j) for j in ids] == ["succeeded"] * 3
+    after = {j: _status(url, j) for j in ids}
+    # What was running finished; nothing was left half-done; nothing new was taken.
+    assert all(after[j] == "succeeded" for j in running)
+    assert set(after.values()) <= {"succeeded", "queued"} and "queued" in after.values()
     assert _heartbeats(settings, "synthetic") == []
-    later = _jobs(url, [{"x": 1}])
-    assert _status(url, later[0]) == "queued"  # nobody took it after the drain
 
 
 def test_batch_past_its_time_limit_fails_and_the_worker_recovers(
