@@ -1,13 +1,119 @@
-"""The `asyncinfer` command line."""
+"""The `asyncinfer` command line: start the stack on this machine, or talk to a running one.
+
+    asyncinfer up
+    echo '{"x": 21}' | asyncinfer submit synthetic - --wait 10
+    asyncinfer get JOB_ID --wait 30
+    asyncinfer cancel JOB_ID
+    asyncinfer models
+    asyncinfer bench synthetic --rate 50 --duration 10
+
+Results are JSON on stdout. A failure prints one line on stderr and exits 1 (an API or
+connection error) or 2 (bad usage or unreadable input). The gateway URL is --url, else
+$ASYNCINFER_URL, else http://127.0.0.1:8000; the API key is $ASYNCINFER_API_KEY.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
+from asyncinfer.client import ApiError, Client, SubmitOptions
 from shared.logs import configure_logging
 from shared.settings import Settings
+
+USAGE_ERROR, API_ERROR = 2, 1
+
+
+class UsageError(Exception):
+    """Input the command cannot use (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: the error is what the user needs to see.
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _read_input(source: str) -> Any:
+    """The job input: JSON from a file, or from stdin for '-'."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        where = "stdin" if source == "-" else source
+        raise UsageError(f"{where} is not valid JSON: {exc}") from exc
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    payload = _read_input(args.file)
+    options: SubmitOptions = {}
+    if args.priority:
+        options["priority"] = args.priority
+    if args.ttl is not None:
+        options["ttl_s"] = args.ttl
+    if args.webhook:
+        options["webhook"] = args.webhook
+    if args.idempotency_key:
+        options["idempotency_key"] = args.idempotency_key
+    with _client(args) as client:
+        _print_json(client.submit(args.model, payload, wait_s=args.wait, **options).public())
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.get(args.job_id, wait=args.wait).public())
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.cancel(args.job_id).public())
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json([m.model_dump(by_alias=True) for m in client.models()])
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from asyncinfer.loadgen import Bench
+
+    if args.rate <= 0 or args.duration <= 0:
+        raise UsageError("--rate and --duration must be positive")
+    payload = _read_input(args.input) if args.input else {"x": 1.0}
+    tty = sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        # On a terminal the line rewrites itself; in a log every update is its own line.
+        sys.stderr.write(f"\r{line}\033[K" if tty else f"{line}\n")
+        sys.stderr.flush()
+
+    bench = Bench(args.url, args.model, payload, rate=args.rate, duration_s=args.duration,
+                  timeout_s=args.timeout, progress=progress)
+    summary = asyncio.run(bench.run())
+    if tty:
+        sys.stderr.write("\n")
+    _print_json(summary)
+    return 0
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -19,18 +125,69 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asyncinfer", description=__doc__)
+    parser = _Parser(prog="asyncinfer", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="start the whole stack on this machine (Ctrl-C stops it)")
     p.add_argument("--state-dir", default=".asyncinfer", help="Redis data and logs")
     p.add_argument("--no-flower", action="store_true", help="do not start Flower")
     p.set_defaults(func=_up)
+
+    remote = _Parser(add_help=False)
+    remote.add_argument("--url", default=None,
+                        help="gateway URL (default: $ASYNCINFER_URL or http://127.0.0.1:8000)")
+
+    p = sub.add_parser("submit", parents=[remote], help="submit one job; prints the job")
+    p.add_argument("model")
+    p.add_argument("file", nargs="?", default="-", help="JSON input file, '-' for stdin")
+    p.add_argument("--wait", type=float, default=None, metavar="S",
+                   help="hold the answer up to S seconds until the job is final")
+    p.add_argument("--priority", choices=("high", "normal", "low"), default=None)
+    p.add_argument("--ttl", type=float, default=None, metavar="S",
+                   help="expire the job if still queued after S seconds")
+    p.add_argument("--webhook", default=None, metavar="URL",
+                   help="POST the final job here (signed)")
+    p.add_argument("--idempotency-key", default=None, metavar="KEY")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("get", parents=[remote], help="print a job")
+    p.add_argument("job_id", metavar="ID")
+    p.add_argument("--wait", type=float, default=None, metavar="S",
+                   help="long-poll up to S seconds for the job to be final")
+    p.set_defaults(func=_get)
+
+    p = sub.add_parser("cancel", parents=[remote], help="cancel a queued or running job")
+    p.add_argument("job_id", metavar="ID")
+    p.set_defaults(func=_cancel)
+
+    p = sub.add_parser("models", parents=[remote], help="list the served models")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("bench", parents=[remote], help="open-loop load at a fixed rate")
+    p.add_argument("model")
+    p.add_argument("--rate", type=float, required=True, help="jobs per second")
+    p.add_argument("--duration", type=float, required=True, metavar="S")
+    p.add_argument("--input", default=None, metavar="FILE",
+                   help="JSON input of every job, '-' for stdin (default: {\"x\": 1.0})")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="give up on a job after S seconds")
+    p.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        print(f"asyncinfer: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except ApiError as exc:
+        print(f"asyncinfer: error: {exc}", file=sys.stderr)
+        return API_ERROR
+    except KeyboardInterrupt:
+        return 130
     return code
 
 

@@ -24,26 +24,33 @@ class CompletionWaiters:
         self.redis = redis
         self._waiting: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="completion-listener")
 
     async def stop(self) -> None:
+        """Stop listening. redis-py on Python 3.11 can swallow a cancellation (it wraps sends in
+        wait_for), so the loop also checks a flag at every bounded read, and the wait is bounded."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            done, _ = await asyncio.wait({self._task}, timeout=3)
+            if not done:
+                log.warning("completion listener did not stop in time")
 
     async def _listen(self) -> None:
         backoff_s = 0.1
-        while True:
+        while not self._stopping:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.FINAL_CHANNEL)
                 # Anything that finished while we were not subscribed: let waiters re-check.
                 self._wake_all()
                 backoff_s = 0.1
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                while not self._stopping:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
                         self._wake(str(message["data"]))
             except (RedisError, OSError) as exc:
                 log.warning("completion listener reconnecting error=%s", exc)

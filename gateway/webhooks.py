@@ -1,14 +1,11 @@
 """Webhook delivery: POST each finished job's public JSON to the URL it was submitted with.
 
-The FINISH and CANCEL scripts append `{job: id}` to `keys.webhooks()` when a job with a webhook
-reaches a final state. Every gateway process runs one `WebhookDeliverer` in the stream's consumer
-group, so each entry goes to one deliverer. An entry stays pending until its webhook is delivered
-or given up: the entries of a deliverer that died are reclaimed by the others (XAUTOCLAIM), and
-because the attempt count and next due time live in Redis, a reclaimed entry goes on with its
-schedule instead of starting over. Delivery never touches the job record.
-
-Bodies are signed Stripe-style: `X-Asyncinfer-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of
-"<t>.<body>" keyed with settings.webhook_secret>`. Receivers check it with `verify_signature`.
+FINISH and CANCEL (shared/scripts.py) append `{job: id}` to `keys.webhooks()` for jobs with a
+webhook. One `WebhookDeliverer` per gateway process reads it in a consumer group. An entry stays
+pending until delivered or given up; a dead deliverer's entries are reclaimed (XAUTOCLAIM), and
+as attempts and the next due time live in Redis, a reclaimed entry keeps its schedule. Delivery
+never touches the job record. Bodies are signed (Stripe-like): `X-Asyncinfer-Signature:
+t=<unix s>,v1=<hex HMAC-SHA256 of "<t>.<body>">`; receivers check it with `verify_signature`.
 """
 
 from __future__ import annotations
@@ -39,7 +36,7 @@ SIGNATURE_HEADER = "X-Asyncinfer-Signature"
 READ_BLOCK_S = 2.0  # longest XREADGROUP block; the client's socket timeout must exceed it
 MAX_HELD = 1000  # entries one deliverer holds (due, backing off, in flight); the rest stay in Redis
 STALE_CONSUMER_S = 3600  # consumers of gone gateways, with nothing pending, are dropped after this
-REDIS_RETRY_S = 1.0
+REDIS_RETRY_S = 1.0  # pause after a Redis error before the next try
 
 
 def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
@@ -52,10 +49,8 @@ def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
 def verify_signature(secret: str, header: str, body: bytes | str, tolerance_s: float = 300.0,
                      *, now: float | None = None) -> bool:
     """Whether `header` signs `body` with `secret` and was stamped within `tolerance_s` of now.
-
-    Pass the raw request body as received: re-serialised JSON has other bytes. Several `v1=`
-    values are accepted (as when a sender signs with an old and a new secret during rotation).
-    """
+    Pass the raw body as received (re-serialised JSON has other bytes). Several `v1=` values are
+    accepted, as when a sender signs with an old and a new secret during a rotation."""
     stamp, macs = None, []
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
@@ -71,20 +66,6 @@ def verify_signature(secret: str, header: str, body: bytes | str, tolerance_s: f
     return any(hmac.compare_digest(expected, m) for m in macs)
 
 
-def verdict_of(status: int) -> str:
-    """'delivered' (2xx), 'retry' (408, 429, 5xx) or 'final' (any other answer: 3xx, 4xx)."""
-    if 200 <= status < 300:
-        return "delivered"
-    return "retry" if status in (408, 429) or status >= 500 else "final"
-
-
-def _retry_after_s(value: str | None) -> float:
-    try:
-        return max(0.0, float(value or 0))
-    except ValueError:  # the HTTP-date form: the exponential schedule applies
-        return 0.0
-
-
 class WebhookDeliverer:
     """Delivers the webhooks stream in one gateway process: `start()`, later `await stop()`."""
 
@@ -98,19 +79,17 @@ class WebhookDeliverer:
             limits=httpx.Limits(max_connections=settings.webhook_concurrency),
             headers={"user-agent": "asyncinfer-webhooks/0.1"})
         self.stream = keys.webhooks()
+        self.idle_ms = int(settings.reclaim_idle_s * 1000)  # entries idle this long are orphans
         self._held: dict[str, str] = {}  # entry id -> job id: every entry this deliverer owns
         self._due: dict[str, float] = {}  # entry id -> loop time of its next attempt
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()  # an entry arrived or a delivery ended
         self._room = asyncio.Event()  # an entry was released: the reader may read more
         self._task: asyncio.Task[None] | None = None
-        # Loops also check this flag: a cancellation that lands as a Redis reply arrives can be
-        # swallowed inside redis-py, and the loop must still end.
-        self._stopping = False
+        self._stopping = False  # loops check it: redis-py can swallow a cancel (3.11 wait_for)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="webhook-deliverer")
-        self._task.add_done_callback(_report_crash)
 
     async def stop(self) -> None:
         """Stop reading and posting; hand held entries to the other deliverers at once."""
@@ -120,14 +99,12 @@ class WebhookDeliverer:
         tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
         for task in tasks:
             task.cancel()
-        _, stuck = await asyncio.wait(tasks, timeout=0.5) if tasks else ((), set())
-        if stuck:  # cancellation swallowed (3.11 wait_for in redis-py): end the blocked read
-            await self.redis.connection_pool.disconnect()
-            await asyncio.wait(stuck, timeout=READ_BLOCK_S + 1)
+        if tasks:  # a swallowed cancellation still ends at the next loop check, bounded
+            await asyncio.wait(tasks, timeout=READ_BLOCK_S + 1)
         with contextlib.suppress(RedisError, OSError):
             if self._held:  # IDLE makes them look abandoned now, not after reclaim_idle_s
                 await self.redis.xclaim(self.stream, keys.WEBHOOK_GROUP, self.consumer, 0,
-                                        list(self._held), idle=self._idle_ms(), justid=True)
+                                        list(self._held), idle=self.idle_ms, justid=True)
         await self.http.aclose()
         await self.redis.aclose()
         log.info("webhook deliverer stopped consumer=%s handed_off=%d", self.consumer,
@@ -148,9 +125,9 @@ class WebhookDeliverer:
                 if not self._stopping:
                     log.warning("webhook deliverer reconnecting error=%r", errors.exceptions[0])
                     await asyncio.sleep(REDIS_RETRY_S)
-
-    def _idle_ms(self) -> int:
-        return int(self.s.reclaim_idle_s * 1000)
+            except* Exception:  # a bug: say so in the log (the task is kept, nobody awaits it)
+                log.exception("webhook deliverer crashed consumer=%s", self.consumer)
+                raise
 
     def _hold(self, entry_id: str, job_id: str, delay_s: float) -> None:
         if entry_id not in self._held:
@@ -176,10 +153,12 @@ class WebhookDeliverer:
         loop = asyncio.get_running_loop()
         upkeep_every_s = max(0.2, self.s.reclaim_idle_s / 3)
         next_upkeep = 0.0
-        while not self._stopping:
+        while True:
             if loop.time() >= next_upkeep:
                 await self._upkeep()
                 next_upkeep = loop.time() + upkeep_every_s
+            if self._stopping:  # checked after the awaits, right before clearing the event
+                return
             self._wake.clear()
             now = loop.time()
             for entry_id, due in sorted(self._due.items(), key=lambda kv: kv[1]):
@@ -203,24 +182,22 @@ class WebhookDeliverer:
         for i in range(0, len(held), 500):
             await self.redis.xclaim(self.stream, keys.WEBHOOK_GROUP, self.consumer, 0,
                                     held[i:i + 500], justid=True)
-        cursor, taken = "0-0", 0
-        while len(self._held) < MAX_HELD:
+        room = MAX_HELD - len(self._held)
+        if room > 0:  # at most 100 a round: the next round takes more
             reply: Any = await self.redis.xautoclaim(
-                self.stream, keys.WEBHOOK_GROUP, self.consumer, self._idle_ms(), cursor,
-                count=min(100, MAX_HELD - len(self._held)))
-            cursor, claimed = reply[0], [(i, f) for i, f in reply[1] if f]
+                self.stream, keys.WEBHOOK_GROUP, self.consumer, self.idle_ms, "0-0",
+                count=min(100, room))
+            claimed = [(i, f) for i, f in reply[1] if f]  # f is None for a deleted entry
             pipe = self.redis.pipeline(transaction=False)
             for _, fields in claimed:
                 pipe.hget(keys.webhook_delivery(fields.get("job", "")), "next_ms")
-            nexts = await pipe.execute()
-            for (entry_id, fields), next_ms in zip(claimed, nexts, strict=True):
+            for (entry_id, fields), next_ms in zip(claimed, await pipe.execute(), strict=True):
+                # The schedule lives in Redis: a reclaimed entry waits out its current delay.
                 self._hold(entry_id, fields.get("job", ""),
                            max(0.0, (int(next_ms or 0) - now_ms()) / 1000))
-            taken += len(claimed)
-            if cursor in ("0-0", b"0-0"):
-                break
-        if taken:
-            log.info("webhook entries reclaimed consumer=%s count=%d", self.consumer, taken)
+            if claimed:
+                log.info("webhook entries reclaimed consumer=%s count=%d", self.consumer,
+                         len(claimed))
         for c in await self.redis.xinfo_consumers(self.stream, keys.WEBHOOK_GROUP):
             if (c["name"] != self.consumer and int(c["pending"]) == 0
                     and int(c["idle"]) > STALE_CONSUMER_S * 1000):
@@ -232,12 +209,10 @@ class WebhookDeliverer:
             delay = await self._attempt(entry_id, job_id)
             if delay is None:
                 await self._release(entry_id, job_id)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # even a bug must not strand the entry (attempts are bounded)
             delay = REDIS_RETRY_S
-            log.warning("webhook attempt deferred job=%s error=%r", job_id, exc)
-        except Exception:  # a bug must not strand the entry; attempts are counted, so bounded
-            delay = REDIS_RETRY_S
-            log.exception("webhook attempt crashed job=%s", job_id)
+            log.warning("webhook attempt deferred job=%s error=%r", job_id, exc,
+                        exc_info=not isinstance(exc, RedisError | OSError))
         finally:
             self._inflight.pop(entry_id, None)
             self._wake.set()
@@ -271,22 +246,27 @@ class WebhookDeliverer:
         if done:
             return None
         url, cap = fields.get("webhook"), self.s.webhook_max_attempts
-        if not url or fields.get("status") not in FINAL_STATUSES or attempts > cap:
+        gone = not url or fields.get("status") not in FINAL_STATUSES  # expired record
+        if gone or attempts > cap:  # > cap: a holder that died used up the attempts
             log.warning("webhook gave up job=%s attempts=%d reason=%s", job_id, attempts - 1,
-                        "attempts_exhausted" if url else "job_gone")
+                        "job_gone" if gone else "attempts_exhausted")
             return None
         body = json.dumps(from_hash(fields).public(), separators=(",", ":")).encode()
         headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(
             self.s.webhook_secret, body), "x-asyncinfer-job": job_id,
             "x-asyncinfer-delivery": entry_id, "x-asyncinfer-attempt": str(attempts)}
-        started, retry_after = time.monotonic(), 0.0
-        try:
-            async with self.http.stream("POST", url, content=body, headers=headers) as response:
-                verdict, detail = verdict_of(response.status_code), f"status={response.status_code}"
-                retry_after = _retry_after_s(response.headers.get("retry-after"))
+        started, retry_after = time.monotonic(), "0"
+        try:  # the whole attempt is bounded (not each phase), so the lock outlives it
+            async with asyncio.timeout(self.s.webhook_timeout_s), self.http.stream(
+                    "POST", url, content=body, headers=headers) as response:
+                code, detail = response.status_code, f"status={response.status_code}"
+                # 408, 429 and 5xx may pass; any other answer (3xx, 4xx) will not change.
+                verdict = "delivered" if 200 <= code < 300 else "retry" if code in (
+                    408, 429) or code >= 500 else "final"
+                retry_after = response.headers.get("retry-after", "0")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             verdict, detail = "final", f"error={type(exc).__name__}"
-        except httpx.HTTPError as exc:  # timeouts, refused connections: the receiver may recover
+        except (httpx.HTTPError, TimeoutError) as exc:  # the receiver may recover
             verdict, detail = "retry", f"error={type(exc).__name__}"
         took_ms = (time.monotonic() - started) * 1000
         if verdict == "delivered":
@@ -302,9 +282,11 @@ class WebhookDeliverer:
         log.warning("webhook gave up job=%s attempts=%d %s", job_id, attempts, detail)
         return None
 
-    def _backoff(self, attempts: int, floor_s: float) -> float:
+    def _backoff(self, attempts: int, retry_after: str) -> float:
         cap = self.s.webhook_max_backoff_s
         delay = min(cap, self.s.webhook_backoff_s * 2 ** (attempts - 1))
+        # Retry-After in seconds is a floor; its HTTP-date form is left to the schedule.
+        floor_s = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 0.0
         # Jitter spreads the retries of many jobs that failed together (one receiver outage).
         return float(min(cap, max(floor_s, delay * random.uniform(0.5, 1.0))))
 
@@ -316,8 +298,3 @@ class WebhookDeliverer:
         pipe.hset(state, "done", 1)
         pipe.expire(state, keys.WEBHOOK_DONE_TTL_S)
         await pipe.execute()
-
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("webhook deliverer crashed error=%r", exc, exc_info=exc)

@@ -1,0 +1,65 @@
+"""Flower watching the real Celery side: a synthetic worker and the batcher as processes, Flower
+as a subprocess behind basic auth, a job through the in-process gateway app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from shared import keys
+from shared.procs import free_port, wait_port
+from shared.settings import Settings
+from tests.conftest import Procs, wait_until, workers_ready
+
+AUTH = ("u", "p")
+TASK = "asyncinfer.run_batch"
+
+
+def _get(flower: httpx.Client, path: str, **params: Any) -> Any:
+    r = flower.get(path, params=params)
+    r.raise_for_status()
+    return r.json()
+
+
+async def test_flower_lists_the_worker_online_and_the_batch_task_succeeded(
+        procs: Procs, settings: Settings, client: httpx.AsyncClient) -> None:
+    procs.batcher()
+    procs.worker("synthetic")
+    port = free_port()
+    procs.start("flower", "celery", f"--broker={settings.redis_url}", "flower", f"--port={port}",
+                "--address=127.0.0.1", f"--basic_auth={AUTH[0]}:{AUTH[1]}")
+    wait_until(workers_ready(settings, "synthetic", 1), 60, "a synthetic worker")
+    assert wait_port("127.0.0.1", port, 30), procs.logs()
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, auth=AUTH, timeout=10) as flower:
+        # Heartbeat events reach Flower a little after it connects: poll, bounded.
+        def online() -> list[str]:
+            status = _get(flower, "/api/workers", status=1)
+            return [name for name, alive in status.items()
+                    if alive and name.startswith("synthetic-1@")]
+
+        wait_until(lambda: bool(online()), 30, "Flower to see the worker online")
+        worker = online()[0]
+
+        r = await client.post("/v1/models/synthetic/jobs", json={"input": {"x": 2}},
+                              headers={"Prefer": "wait=30"})
+        assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+
+        def batch_tasks() -> list[dict[str, Any]]:
+            tasks = _get(flower, "/api/tasks", taskname=TASK, state="SUCCESS")
+            return [t for t in tasks.values() if t["worker"] == worker]
+
+        wait_until(lambda: bool(batch_tasks()), 30, "Flower to record the batch task")
+        task = batch_tasks()[0]
+        assert task["name"] == TASK and task["state"] == "SUCCESS"
+        assert task["sent"] is not None  # task_send_sent_event is on
+
+        inspected = _get(flower, "/api/workers", refresh=1, workername=worker)[worker]
+        queues = [q["name"] for q in inspected["active_queues"]]
+        assert queues == [keys.celery_queue("synthetic")]
+
+    assert httpx.get(f"{base}/api/workers", timeout=10).status_code == 401  # auth is on
+    # By Flower's design these two stay open even with basic auth (docs/operations.md).
+    assert httpx.get(f"{base}/healthcheck", timeout=10).text == "OK"
+    assert "flower_events_total" in httpx.get(f"{base}/metrics", timeout=10).text
