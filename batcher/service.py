@@ -14,13 +14,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
 
 from batcher.policy import BatchingPolicy, Pending, PolicyConfig, Release, Shed
+from batcher.stats import WaitHistogram
 from batcher.streams import Entry, ModelStreams, mono_from_epoch_ms, stream_items
 from shared import keys
 from shared.celeryapp import BATCH_TASK
@@ -34,28 +35,6 @@ log = logging.getLogger(__name__)
 PolicyFactory = Callable[[PolicyConfig], BatchingPolicy]
 READ_BLOCK_MS = 1000
 REFRESH_S = 1.0
-
-
-QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@dataclass
-class WaitHistogram:
-    """Submit-to-dispatch waits, cumulative like a Prometheus histogram (rendered by the
-    gateway's /metrics from the published state)."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (len(QUEUE_WAIT_BUCKETS_S) + 1))
-    total_s: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.total_s += seconds
-        i = next((i for i, b in enumerate(QUEUE_WAIT_BUCKETS_S) if seconds <= b),
-                 len(QUEUE_WAIT_BUCKETS_S))
-        self.counts[i] += 1
-
-    def as_dict(self) -> dict[str, object]:
-        return {"buckets_s": list(QUEUE_WAIT_BUCKETS_S), "counts": self.counts,
-                "sum_s": self.total_s}
 
 
 @dataclass
