@@ -3,6 +3,8 @@
 One job is, by protocol:
 - `jobs`: POST the submit path; a 202 gives the job id, then GET /v1/jobs/{id}?wait=N until the
   job is final (a 200 with a final job ends it at once). asyncinfer's own contract.
+- `jobs-wait`: the same with `Prefer: wait=N` on the submit, which answers 200 with the finished
+  job when it finishes in time: one request per job.
 - `submit`: the POST alone; done at its 202 (the gateway's submit path).
 - `sync`: one POST whose 200 carries the result (BentoML's synchronous endpoint).
 
@@ -100,7 +102,11 @@ class RawClient:
         async with self._slots:
             for attempt in range(2):
                 # A retry always gets a fresh connection: the other idle ones may be stale too.
-                conn = self._idle.pop() if self._idle and attempt == 0 else await self._connect()
+                try:
+                    conn = (self._idle.pop() if self._idle and attempt == 0
+                            else await self._connect())
+                except OSError as exc:
+                    raise HTTPError(f"connect: {type(exc).__name__}: {exc}") from exc
                 try:
                     status, payload, keep = await asyncio.wait_for(self._exchange(conn, data),
                                                                    self.timeout_s)
@@ -131,7 +137,10 @@ class RawClient:
         reader = conn.reader
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
+        try:
+            status = int(lines[0].split(b" ", 2)[1])
+        except (IndexError, ValueError) as exc:
+            raise ValueError(f"bad status line {lines[0][:80]!r}") from exc
         length = -1
         chunked = False
         keep = True
@@ -240,9 +249,13 @@ def _detail(payload: bytes) -> str:
     return payload[:300].decode(errors="replace")
 
 
-def job_protocol(client: Client, path: str, wait_s: float) -> JobFn:
+def job_protocol(client: Client, path: str, wait_s: float, prefer_wait: bool = False) -> JobFn:
+    """Submit, then long-poll until final. With `prefer_wait` the submit itself carries
+    `Prefer: wait=N` and usually answers 200 with the finished job (one request per job)."""
+    headers = {"Prefer": f"wait={wait_s:g}"} if prefer_wait else None
+
     async def run(body: bytes) -> Outcome:
-        status, payload = await client.request("POST", path, body)
+        status, payload = await client.request("POST", path, body, headers)
         if status not in (200, 202):
             return Outcome(f"http_{status}", detail=_detail(payload))
         job = json.loads(payload)
@@ -313,6 +326,7 @@ class Recorder:
     inflight: int = 0
     dropped: int = 0
     errors: dict[str, str] = field(default_factory=dict)
+    lags: list[float] = field(default_factory=list)  # open loop: sent - scheduled, seconds
 
     def record(self, arrived: float, finished: float, outcome: Outcome) -> None:
         self.done.append((arrived - self.t0, finished - self.t0, outcome.status,
@@ -354,6 +368,7 @@ async def _open_loop(cfg: Config, fn: JobFn, bodies: list[bytes], rec: Recorder,
             rec.dropped += 1
             rec.done.append((nxt - rec.t0, nxt - rec.t0, "dropped", None, None))
             continue
+        rec.lags.append(time.perf_counter() - nxt)
         task = asyncio.create_task(_one(fn, bodies[i % len(bodies)], nxt, rec))
         i += 1
         tasks.add(task)
@@ -465,6 +480,9 @@ def summarize(cfg: Config, rec: Recorder, elapsed_s: float, cpu_s: float,
             "mean": (sum(k * v for k, v in sizes.items()) / n_sizes) if n_sizes else None,
             "hist": {str(k): v for k, v in sorted(sizes.items())},
         },
+        # How late the generator itself issued open-loop arrivals (its own share of latency).
+        "issue_lag_ms": {k: v for k, v in _percentiles([x * 1000 for x in rec.lags]).items()
+                         if k in ("p50", "p99", "max")},
         "dropped": rec.dropped,
         "error_samples": rec.errors,
         "requests": rec.requests,
@@ -473,6 +491,7 @@ def summarize(cfg: Config, rec: Recorder, elapsed_s: float, cpu_s: float,
         "client_cpu_us_per_request": (cpu_s / rec.requests * 1e6) if rec.requests else None,
         "client_cpu_fraction": cpu_s / elapsed_s if elapsed_s else None,
         "jobs_total": completed_all,
+        "succeeded_total": sum(1 for d in rec.done if d[2] == "succeeded"),
     }
     return result
 
@@ -485,8 +504,8 @@ def _cpu_s() -> float:
 async def run(cfg: Config, bodies: list[bytes], progress: bool = True) -> dict[str, Any]:
     max_conn = cfg.concurrency if cfg.mode == "closed" else cfg.max_inflight
     client = make_client(cfg.client, cfg.url, max_conn, cfg.timeout_s)
-    if cfg.protocol == "jobs":
-        fn = job_protocol(client, cfg.path, cfg.wait_s)
+    if cfg.protocol in ("jobs", "jobs-wait"):
+        fn = job_protocol(client, cfg.path, cfg.wait_s, prefer_wait=cfg.protocol == "jobs-wait")
     elif cfg.protocol == "submit":
         fn = submit_protocol(client, cfg.path)
     elif cfg.protocol == "sync":
@@ -544,7 +563,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--path", required=True, help="the POST path")
     p.add_argument("--bodies", type=Path, required=True, help="JSON request bodies, one a line")
-    p.add_argument("--protocol", choices=("jobs", "submit", "sync"), default="jobs")
+    p.add_argument("--protocol", choices=("jobs", "jobs-wait", "submit", "sync"), default="jobs",
+                   help="jobs: submit + long-poll; jobs-wait: submit with Prefer: wait; "
+                        "submit: the POST alone; sync: one POST answered with the result")
     p.add_argument("--mode", choices=("open", "closed"), default="open")
     p.add_argument("--rate", type=float, default=100.0, help="open loop: arrivals per second")
     p.add_argument("--concurrency", type=int, default=64, help="closed loop: clients")

@@ -1,6 +1,8 @@
 """Profile and count the hot path: gateway submit, batcher, worker fetch/store.
 
-Two parts, each a fresh set of processes:
+Three parts, each a fresh set of processes:
+- `micro`: in-process timings of the changed code against a private Redis (no HTTP): parsing
+  one submit body, and the worker's run_batch for batches of 1, 16 and 64;
 - `submit`: Redis + the gateway alone under a closed-loop submit load;
 - `stack`: `asyncinfer up` (one mlp worker) under the job pattern (submit + long-poll), closed
   loop, then a light open-loop load for the latency legs.
@@ -113,15 +115,82 @@ def _loadgen(server: Server, bodies: Path, out: Path, protocol: str, mode: str,
     return json.loads(out.read_text())
 
 
+MICRO_CHILD = r"""
+import asyncio, json, statistics, sys, time
+code, url, bodies = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, code)
+import torch
+torch.set_num_threads(1)
+import redis.asyncio as aioredis
+import gateway.inputs as inputs
+from shared.model import ModelContext
+from shared.modelspec import load_specs
+from shared.store import JobStore, NewJob
+from workers.runtime import BatchRequest, ModelRuntime
+assert inputs.__file__.startswith(code), inputs.__file__
+raw = open(bodies).readline().strip().encode()
+spec = load_specs(None)["mlp"]
+out = {}
+def parse():
+    env = inputs.envelope(inputs.parse_json(raw), inputs.SubmitBody)
+    return inputs.new_jobs(spec, [(("input",), env.input)], env)
+for _ in range(200):
+    parse()
+t = time.perf_counter()
+for _ in range(3000):
+    parse()
+out["parse_us"] = (time.perf_counter() - t) / 3000 * 1e6
+async def batches():
+    r = aioredis.Redis.from_url(url, decode_responses=True)
+    store = JobStore(r, result_ttl_s=60, job_ttl_s=60)
+    rt = ModelRuntime(spec, ModelContext(model="mlp", worker_index=1, device="cpu",
+                                         worker_name="micro"), store)
+    rt.load()
+    job = parse()[0]
+    for n in (1, 16, 64):
+        times = []
+        for i in range(220 if n < 64 else 80):
+            sub = await store.submit("mlp", [job] * n, max_queue=10**9)
+            t0 = time.perf_counter()
+            await rt.run_batch(BatchRequest("mlp", f"b{n}-{i}", sub.ids))
+            times.append(time.perf_counter() - t0)
+        out[f"run_batch_{n}_ms"] = statistics.median(times[20:]) * 1000
+    await r.flushall()
+asyncio.run(batches())
+print(json.dumps(out))
+"""
+
+
+def measure_micro(code: Path, work: Path) -> dict[str, Any]:
+    """In-process timings of the changed code, no HTTP: parse + validate + encode of one submit
+    body, and the worker's run_batch (fetch, pre/predict/post, store) for batches of 1, 16, 64
+    against a private Redis. Much steadier than end-to-end figures on a shared machine."""
+    from shared.redisserver import RedisServer
+
+    bodies, _ = write_bodies(work)
+    server = RedisServer(work / "redis", appendonly=False).start()
+    try:
+        proc = subprocess.run([sys.executable, "-c", MICRO_CHILD, str(code), server.url,
+                               str(bodies)], capture_output=True, text=True, check=True,
+                              cwd=work)
+    finally:
+        server.stop()
+    result: dict[str, Any] = {"part": "micro", "code": str(code)}
+    result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return result
+
+
 def measure(part: str, code: Path, work: Path, duration: float, with_spy: bool) -> dict[str, Any]:
     """One measurement of `part` with the code at `code` (a repository root)."""
+    if part == "micro":
+        return measure_micro(code, work)
     env = {**os.environ, "PYTHONPATH": str(code)}
     old_env = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(code)  # the servers this process spawns import from `code`
     bodies, _ = write_bodies(work)
     result: dict[str, Any] = {"part": part, "code": str(code)}
-    server: Server = (GatewayOnly(work / "gw") if part == "submit"
-                      else OursStack(work / "stack", devices="cpu:1", workers=1))
+    server: Server = (GatewayOnly(work / "gw", cwd=code) if part == "submit"
+                      else OursStack(work / "stack", devices="cpu:1", workers=1, cwd=code))
     try:
         with server:
             _loadgen(server, bodies, work / "warm.json", "submit" if part == "submit" else "jobs",
@@ -131,7 +200,7 @@ def measure(part: str, code: Path, work: Path, duration: float, with_spy: bool) 
             url = redis_url_of(server)
             stats0 = commandstats(url)
             assert server.proc is not None
-            cpu0 = tree_cpu(server.proc.pid)
+            cpu0 = tree_cpu(server.roots())
             spies = spy(_pids(server), duration - 2, work) if with_spy else []
             r = _loadgen(server, bodies, work / "run.json",
                          "submit" if part == "submit" else "jobs", "closed", 64, 0, duration,
@@ -140,7 +209,7 @@ def measure(part: str, code: Path, work: Path, duration: float, with_spy: bool) 
                 s.wait(30)
             if isinstance(server, OursStack):
                 server.wait_idle(60)
-            cpu = cpu_delta(cpu0, tree_cpu(server.proc.pid))
+            cpu = cpu_delta(cpu0, tree_cpu(server.roots()))
             stats = commandstats(url) - stats0
             jobs = r["status_counts"].get("succeeded", 0) + sum(
                 v for k, v in r["status_counts"].items() if k.startswith("http_"))
@@ -153,8 +222,12 @@ def measure(part: str, code: Path, work: Path, duration: float, with_spy: bool) 
                 redis_calls_per_job={k: round(v / total_jobs, 3) for k, v in stats.items()
                                      if v / total_jobs >= 0.01},
             )
-            if r["batch_size"]["mean"]:
-                batches = total_jobs / r["batch_size"]["mean"]
+            hist = {int(k): v for k, v in r["batch_size"]["hist"].items()}
+            if hist:
+                # The histogram counts jobs by the size of their batch: batches = Σ jobs/size,
+                # scaled from the measured window to the whole run.
+                batches = sum(v / k for k, v in hist.items()) * total_jobs / sum(hist.values())
+                result["batches"] = batches
                 result["redis_calls_per_batch"] = {
                     k: round(v / batches, 2) for k, v in stats.items()
                     if k in ("script|exists", "evalsha", "xadd", "publish", "lpush", "brpop")}
@@ -187,6 +260,14 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
 
     lines = ["| figure | before | after |", "|---|---|---|"]
     spec: list[tuple[str, str, Any, str]] = [
+        ("in-process: parse + validate + encode one submit body (µs)", "micro",
+         lambda m: m["parse_us"], "{:.1f}"),
+        ("in-process: worker run_batch, 1 job (ms)", "micro",
+         lambda m: m["run_batch_1_ms"], "{:.2f}"),
+        ("in-process: worker run_batch, 16 jobs (ms)", "micro",
+         lambda m: m["run_batch_16_ms"], "{:.2f}"),
+        ("in-process: worker run_batch, 64 jobs (ms)", "micro",
+         lambda m: m["run_batch_64_ms"], "{:.2f}"),
         ("gateway alone: submits/s (C=64)", "submit", lambda m: m["throughput"], "{:,.0f}"),
         ("gateway alone: gateway CPU µs per submit", "submit", cpu("gateway"), "{:,.0f}"),
         ("gateway alone: Redis CPU µs per submit", "submit", cpu("redis"), "{:,.0f}"),
@@ -232,14 +313,21 @@ def write_docs(text: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="submit,stack")
+    ap.add_argument("--parts", default="micro,submit,stack")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--spy", action="store_true", help="py-spy each process meanwhile")
     ap.add_argument("--before", type=Path, help="another copy of the code to compare against")
     ap.add_argument("--write-docs", action="store_true",
                     help="put the before/after table into docs/benchmarks.md")
+    ap.add_argument("--table-from", type=Path, help="only redo the table from a profile.json")
     a = ap.parse_args(argv)
+    if a.table_from:
+        text = table(json.loads(a.table_from.read_text()))
+        print(text)
+        if a.write_docs:
+            write_docs(text)
+        return
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"profile-{stamp}"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Regenerate every benchmark figure in one command.
 
     python -m bench.run --quick            # about 4 minutes
-    python -m bench.run --full             # about 10 minutes, 3 interleaved repeats
+    python -m bench.run --full             # about 10 minutes, 5 interleaved repeats
     python -m bench.run --full --device cuda   # the same on a GPU (skips cleanly without one)
 
 Phases, all in one run on one machine:
@@ -58,16 +58,17 @@ class Profile:
     light_rate: float
     http_concurrency: int
     limit_seconds: float
-    extra_loads: int = 0  # open-loop points repeated this many extra times
+    light_repeats: int = 1
+    overload_concurrency: int | None = None  # one closed-loop run past saturation, per system
 
 
 PROFILES = {
     "quick": Profile(duration_s=6, warmup_s=1.5, repeats=1, sat_concurrency=[64],
                      fractions=[0.25, 0.5, 0.75], light_rate=20, http_concurrency=64,
                      limit_seconds=0.3),
-    "full": Profile(duration_s=10, warmup_s=2, repeats=3, sat_concurrency=[64, 128],
+    "full": Profile(duration_s=8, warmup_s=2, repeats=5, sat_concurrency=[64],
                     fractions=[0.1, 0.25, 0.5, 0.75, 0.9], light_rate=20, http_concurrency=64,
-                    limit_seconds=0.6),
+                    limit_seconds=0.6, light_repeats=3, overload_concurrency=128),
 }
 
 
@@ -121,11 +122,11 @@ def loadgen(ctx: Ctx, server: Server, *, system: str, kind: str, protocol: str, 
            "--rate", str(rate), "--concurrency", str(concurrency), "--duration", str(duration),
            "--warmup", str(warmup), "--drain", "20", "--label", label, "--out", str(out)]
     batch0 = server.batch_stats() if isinstance(server, BentoServer) else None
-    cpu0 = tree_cpu(server.proc.pid) if server.proc else {}
+    cpu0 = tree_cpu(server.roots())
     started = time.monotonic()
     subprocess.run(cmd, check=True, cwd=REPO)
     wall = time.monotonic() - started
-    cpu = cpu_delta(cpu0, tree_cpu(server.proc.pid)) if server.proc else {}
+    cpu = cpu_delta(cpu0, tree_cpu(server.roots()))
     result: dict[str, Any] = json.loads(out.read_text())
     result.update(system=system, kind=kind, wall_s=wall, server_cpu_s=cpu,
                   server_cpu_total_s=sum(cpu.values()))
@@ -134,8 +135,12 @@ def loadgen(ctx: Ctx, server: Server, *, system: str, kind: str, protocol: str, 
         d_count = count - batch0[1]
         result["batch_size"]["mean"] = (total - batch0[0]) / d_count if d_count else None
         result["batch_size"]["source"] = "bentoml_service_adaptive_batch_size"
-    ok = result["status_counts"].get("succeeded", 0)
+    # All the jobs the run completed (warm-up and drain included), like the CPU it measured.
+    ok = result.get("succeeded_total", result["status_counts"].get("succeeded", 0))
     result["server_cpu_ms_per_job"] = (1000 * result["server_cpu_total_s"] / ok) if ok else None
+    # Per HTTP request, over everything the run sent (warm-up and drain included).
+    result["server_cpu_us_per_request"] = {
+        k: 1e6 * v / max(1, result["requests"]) for k, v in cpu.items()}
     lat = result["latency_ms"]
     log(f"{label}: {result['throughput_per_s']:.0f}/s ok, p50 {_ms(lat['p50'])} "
         f"p99 {_ms(lat['p99'])}, batch {_num(result['batch_size']['mean'])}, "
@@ -191,7 +196,9 @@ def phase_limit(ctx: Ctx) -> dict[str, Any]:
 def phase_http(ctx: Ctx) -> dict[str, Any]:
     p = ctx.profile
     c = p.http_concurrency
-    out: dict[str, Any] = {"trivial_submit": [], "gateway_submit": [], "trivial_jobs": []}
+    out: dict[str, Any] = {"trivial_submit": [], "gateway_submit": [], "trivial_jobs": [],
+                           "trivial_submit_cpu_us": [], "gateway_submit_cpu_us": [],
+                           "gateway_submit_redis_cpu_us": []}
     with TrivialServer(ctx.out / "trivial") as triv, GatewayOnly(ctx.out / "gateway") as gw:
         log(f"HTTP phase: trivial {triv.url}, gateway alone {gw.url}")
         for srv, system in ((triv, "trivial"), (gw, "gateway")):  # warm both
@@ -203,10 +210,17 @@ def phase_http(ctx: Ctx) -> dict[str, Any]:
                 r = loadgen(ctx, srv, system=system, kind="submit", protocol="submit",
                             mode="closed", concurrency=c)
                 out[f"{system}_submit"].append(r["throughput_per_s"])
+                per_req = r["server_cpu_us_per_request"]
+                out[f"{system}_submit_cpu_us"].append(
+                    sum(v for k, v in per_req.items() if k != "redis"))
+                if system == "gateway":
+                    out["gateway_submit_redis_cpu_us"].append(per_req.get("redis", 0.0))
                 settle(srv)
         r = loadgen(ctx, triv, system="trivial", kind="jobs", protocol="jobs", mode="closed",
                     concurrency=c)
         out["trivial_jobs"].append(r["throughput_per_s"])
+        out["trivial_jobs_cpu_us_per_job"] = (
+            1e6 * r["server_cpu_total_s"] / max(1, r["jobs_total"]))
         out["generator_cpu_us_per_request"] = r["client_cpu_us_per_request"]
         out["generator_cpu_fraction"] = r["client_cpu_fraction"]
         out["generator_requests_per_s"] = r["requests"] / max(1e-9, r["elapsed_s"])
@@ -217,7 +231,8 @@ def phase_systems(ctx: Ctx, bento_venv: Path | None) -> dict[str, Any]:
     p = ctx.profile
     devices = "cuda" if ctx.device == "cuda" else f"cpu:{ctx.replicas}"
     res: dict[str, Any] = {"devices": devices, "sat": {"asyncinfer": [], "bentoml": []},
-                           "light": {"asyncinfer": [], "bentoml": []}, "loads": []}
+                           "light": {"asyncinfer": [], "bentoml": []}, "loads": [],
+                           "sat_wait": [], "light_wait": []}
     ours = OursStack(ctx.out / "asyncinfer", devices=devices, workers=ctx.replicas)
     bento = (BentoServer(ctx.out / "bentoml", venv=bento_venv, workers=ctx.replicas,
                          device=ctx.device) if bento_venv else None)
@@ -244,14 +259,32 @@ def phase_systems(ctx: Ctx, bento_venv: Path | None) -> dict[str, Any]:
                         best = r
                 assert best is not None
                 res["sat"][name].append(_point(best))
+                if name == "asyncinfer":  # the contract's one-request variant, Prefer: wait
+                    r = loadgen(ctx, srv, system=name, kind="saturation-prefer-wait",
+                                protocol="jobs-wait", mode="closed", concurrency=64)
+                    res["sat_wait"].append(_point(r))
+                    settle(srv)
         sat = statistics.median(x["throughput_per_s"] for x in res["sat"]["asyncinfer"])
         res["ours_saturation"] = sat
-        for _ in range(p.repeats):
+        if p.overload_concurrency:
+            res["overload"] = {}
+            for name, srv in systems:
+                r = loadgen(ctx, srv, system=name, kind=f"overload-c{p.overload_concurrency}",
+                            protocol=_proto(name), mode="closed",
+                            concurrency=p.overload_concurrency)
+                res["overload"][name] = _point(r)
+                settle(srv)
+        for _ in range(p.light_repeats):
             for name, srv in systems:
                 r = loadgen(ctx, srv, system=name, kind="light", protocol=_proto(name),
                             mode="open", rate=p.light_rate)
                 res["light"][name].append(_point(r))
                 settle(srv)
+                if name == "asyncinfer":
+                    r = loadgen(ctx, srv, system=name, kind="light-prefer-wait",
+                                protocol="jobs-wait", mode="open", rate=p.light_rate)
+                    res["light_wait"].append(_point(r))
+                    settle(srv)
         for frac in p.fractions:
             rate = frac * sat
             point: dict[str, Any] = {"fraction": frac, "rate": rate}
@@ -278,7 +311,9 @@ def _point(r: dict[str, Any]) -> dict[str, Any]:
     keep = ("system", "kind", "offered_per_s", "throughput_per_s", "latency_ms",
             "latency_ms_with_unfinished", "status_counts", "ok_fraction", "batch_size",
             "server_cpu_s", "server_cpu_total_s", "server_cpu_ms_per_job", "client_cpu_fraction",
-            "breakdown_ms", "error_samples", "window_s")
+            "breakdown_ms", "error_samples", "window_s", "wall_s", "client_retries",
+            "server_cpu_us_per_request", "requests", "issue_lag_ms", "client_cpu_s",
+            "succeeded_total", "jobs_total")
     out = {k: r.get(k) for k in keep}
     out["concurrency"] = r["config"]["concurrency"] if r["config"]["mode"] == "closed" else None
     out["rate"] = r["config"]["rate"] if r["config"]["mode"] == "open" else None
@@ -337,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="short runs, one repeat (default)")
-    g.add_argument("--full", action="store_true", help="longer runs, 3 interleaved repeats")
+    g.add_argument("--full", action="store_true", help="longer runs, 5 interleaved repeats")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--replicas", type=int, default=1,
                     help="model workers for both systems (asyncinfer ASYNCINFER_DEVICES=cpu:N, "

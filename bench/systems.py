@@ -92,6 +92,9 @@ class Server:
     name: str = "server"
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # Where the processes start: `python -m` imports from there first (another copy of the
+    # code can be measured by pointing this and PYTHONPATH at it).
+    cwd: Path = REPO
 
     @property
     def url(self) -> str:
@@ -103,6 +106,10 @@ class Server:
 
     def start(self) -> Self:
         raise NotImplementedError
+
+    def roots(self) -> list[int]:
+        """Process trees whose CPU counts as this server's."""
+        return [self.proc.pid] if self.proc is not None else []
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -128,7 +135,7 @@ class TrivialServer(Server):
     def start(self) -> Self:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.proc = spawn(["-m", "bench.trivial_server", "--port", str(self.port)],
-                          {"PYTHONPATH": str(REPO)}, self.log)
+                          {"PYTHONPATH": str(REPO)}, self.log, cwd=self.cwd)
         wait_http(f"{self.url}/healthz", 30, "trivial server", self.log)
         return self
 
@@ -153,9 +160,13 @@ class GatewayOnly(Server):
         models.write_text(models_toml(1))
         self.redis = RedisServer(self.work_dir / "redis").start()
         env = _stack_env(self.redis.url, self.port, models, "cpu:1", self.work_dir)
-        self.proc = spawn(["-m", "gateway"], env, self.log)
+        self.proc = spawn(["-m", "gateway"], env, self.log, cwd=self.cwd)
         wait_http(f"{self.url}/readyz", 60, "gateway", self.log)
         return self
+
+    def roots(self) -> list[int]:
+        extra = [self.redis.proc.pid] if self.redis is not None and self.redis.proc else []
+        return super().roots() + extra
 
     def flush(self) -> None:
         """Drop the queued jobs between runs."""
@@ -194,7 +205,7 @@ class OursStack(Server):
         cli = Path(sys.executable).parent / "asyncinfer"
         cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "asyncinfer.cli"]
         self.proc = spawn([*cmd, "up", "--no-flower", "--state-dir",
-                           str(self.work_dir / "state")], env, self.log,
+                           str(self.work_dir / "state")], env, self.log, cwd=self.cwd,
                           unset=("ASYNCINFER_REDIS_URL",))
         if not wait_port("127.0.0.1", self.port, 90):
             raise RuntimeError(f"asyncinfer up did not start; see {self.log}")
@@ -239,6 +250,8 @@ class OursStack(Server):
             # `up` stops its children itself (autoscaler drains the workers) on SIGTERM.
             terminate(self.proc, grace_s=60)
             self.proc = None
+            # The benchmark's jobs (their append-only file) are of no further use.
+            shutil.rmtree(self.work_dir / "state" / "redis", ignore_errors=True)
 
 
 def bento_venv(root: Path) -> Path:
@@ -331,8 +344,12 @@ def _label(pid: int) -> str:
         name = rest[0] if rest else "python"
         if name == "workers" and "--index" in rest:
             return f"worker-{rest[rest.index('--index') + 1]}"
+        if name.startswith("_bentoml_impl"):
+            return "bentoml-worker"
         return {"asyncinfer.cli": "asyncinfer-up", "workers.autoscaler": "autoscaler"}.get(
             name, name)
+    if any(Path(w).name == "asyncinfer" for w in words[:2]):
+        return "asyncinfer-up"
     base = Path(words[0]).name
     if base.startswith("redis-server"):
         return "redis"
@@ -343,8 +360,8 @@ def _label(pid: int) -> str:
     return base
 
 
-def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of `root` and every descendant, by pid (with a readable label)."""
+def tree_cpu(root: int | list[int]) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of `root` (or several) and every descendant, by pid, labelled."""
     parents: dict[int, int] = {}
     cpu: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
@@ -356,7 +373,7 @@ def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
     for pid, ppid in parents.items():
         children.setdefault(ppid, []).append(pid)
     out: dict[int, tuple[str, float]] = {}
-    todo = [root]
+    todo = list(root) if isinstance(root, list) else [root]
     while todo:
         pid = todo.pop()
         if pid in cpu:
