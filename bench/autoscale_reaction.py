@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 import redis
 
+from bench.docs import replace_section
 from shared import keys
 from shared.devices import device_for, parse_devices, pinning_env
 from shared.procs import free_port, spawn, terminate, wait_port
@@ -656,16 +657,7 @@ def _x(v: float | None) -> str:
 
 
 def write_doc(section: str, doc: Path) -> bool:
-    """Replace the results section between the markers; False when the doc has no markers."""
-    if not doc.exists():
-        return False
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    doc.write_text(f"{head}{BEGIN}\n{section}\n{END}{tail}")
-    return True
+    return replace_section(doc, BEGIN, END, section)
 
 
 # -- main --------------------------------------------------------------------------------------

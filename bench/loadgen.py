@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from bench.docs import emit_json
+
 FINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
 
 
@@ -588,12 +590,7 @@ def main(argv: list[str] | None = None) -> None:
                  seed=a.seed, label=a.label)
     install_loop()
     result = asyncio.run(run(cfg, read_bodies(a.bodies), progress=not a.quiet))
-    text = json.dumps(result, indent=1)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text)
-    else:
-        print(text)
+    emit_json(result, a.out)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ batch-of-one time. `--workers N` runs N such processes at once, one per core, an
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.docs import emit_json
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -146,12 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     result = measure_workers(a.device, a.workers, a.seconds, a.reps)
-    text = json.dumps(result, indent=1)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text)
-    else:
-        print(text)
+    emit_json(result, a.out)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from bench.autoscale_reaction import BenchStack, raise_on_sigterm
+from bench.docs import replace_section
 from shared import keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -534,15 +535,7 @@ def _kv(d: dict[str, int]) -> str:
 
 
 def write_doc(section: str, doc: Path) -> bool:
-    if not doc.exists():
-        return False
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    doc.write_text(f"{head}{BEGIN}\n{section}\n{END}{tail}")
-    return True
+    return replace_section(doc, BEGIN, END, section)
 
 
 def main() -> None:
