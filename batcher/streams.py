@@ -24,7 +24,7 @@ from shared import keys
 log = logging.getLogger(__name__)
 
 INFLIGHT = keys.INFLIGHT_CONSUMER
-PRIORITY_ORDER: tuple[Priority, ...] = ("high", "normal", "low")
+PRIORITY_ORDER: tuple[Priority, ...] = keys.PRIORITIES
 
 
 @dataclass(frozen=True)

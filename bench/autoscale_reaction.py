@@ -264,8 +264,8 @@ class Observer:
         pipe = self.r.pipeline(transaction=False)
         for m in self.models:
             pipe.hgetall(keys.workers(m))
-            for p in ("high", "normal", "low"):
-                pipe.xlen(keys.stream(m, p))
+            for stream in keys.streams(m):
+                pipe.xlen(stream)
         replies = pipe.execute()
         t = now_ms()
         with self._lock:

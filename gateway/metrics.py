@@ -78,8 +78,8 @@ class GatewayMetrics:
         states: dict[str, dict[str, Any]] = {}
         for model in self.specs:
             pipe = self.redis.pipeline(transaction=False)
-            for p in ("high", "normal", "low"):
-                pipe.xlen(keys.stream(model, p))
+            for stream in keys.streams(model):
+                pipe.xlen(stream)
             pipe.hgetall(keys.stats(model))
             pipe.get(keys.batcher_state(model))
             pipe.lindex(keys.scale_history(model), 0)

@@ -15,8 +15,8 @@ from shared.modelspec import ModelSpec
 async def model_info(redis: aioredis.Redis, spec: ModelSpec) -> dict[str, Any]:
     """Name, schemas, batching and scaling config, live workers, queue depth, fitted a and b."""
     pipe = redis.pipeline(transaction=False)
-    for p in ("high", "normal", "low"):
-        pipe.xlen(keys.stream(spec.name, p))
+    for stream in keys.streams(spec.name):
+        pipe.xlen(stream)
     pipe.get(keys.batcher_state(spec.name))
     pipe.lrange(keys.scale_history(spec.name), 0, 9)
     *lens, state_raw, history = await pipe.execute()

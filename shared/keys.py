@@ -39,6 +39,8 @@ HEARTBEAT_TTL_FACTOR = 5  # a heartbeat lives this many intervals
 CANCELED_TTL_S = 3600
 
 PriorityName = Literal["high", "normal", "low"]
+# Dispatch order: a model has one stream per priority, read high first.
+PRIORITIES: tuple[PriorityName, ...] = ("high", "normal", "low")
 
 
 def job(job_id: str) -> str:
@@ -49,6 +51,11 @@ def job(job_id: str) -> str:
 def stream(model: str, priority: PriorityName) -> str:
     """Request stream of one model and priority; entries carry job id, rows, expiry."""
     return f"{PREFIX}:q:{model}:{priority}"
+
+
+def streams(model: str) -> list[str]:
+    """The model's request streams, in PRIORITIES order."""
+    return [stream(model, p) for p in PRIORITIES]
 
 
 def completions(model: str) -> str:

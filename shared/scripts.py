@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # KEYS: 3 streams of the model (high, normal, low), idempotency key or "", then one job key per job.
 # ARGV: max_queue, result_ttl_ms, idem_ttl_ms, body_hash, model, created_ms, n, then per job
-#       PER_JOB_ARGS values: id, stream index (1..3), expires_ms, rows, priority, input, owner, webhook
+#       8 values: id, stream index (1..3), expires_ms, rows, priority, input, owner, webhook
 SUBMIT = """
 local max_queue = tonumber(ARGV[1])
 local n = tonumber(ARGV[7])
@@ -40,7 +40,6 @@ if KEYS[4] ~= '' then
 end
 return {'ok', joined}
 """
-PER_JOB_ARGS = 8
 
 # KEYS: job key. ARGV: now_ms, worker, device, max_attempts.
 # Returns {'run', attempts, input, created_ms} | {'poison', attempts} | {'skip', status} | {'missing'}.
@@ -57,8 +56,8 @@ local rec = redis.call('HMGET', KEYS[1], 'input', 'created_ms')
 return {'run', attempts, rec[1], rec[2]}
 """
 
-# KEYS: job key, webhook stream. ARGV: status, ttl_ms, channel, group, stats key prefix, then
-# field/value pairs.
+# KEYS: job key, webhook stream. ARGV: status, ttl_ms, channel, group, stats key prefix,
+# webhook stream cap, then field/value pairs.
 # Writes the final state unless one is already there, then acks and deletes the stream entry
 # either way (the entry's work is over). Returns 1 written, 0 already final, -1 record gone.
 FINISH = """
@@ -66,7 +65,7 @@ local cur = redis.call('HMGET', KEYS[1], 'status', 'stream', 'entry')
 if not cur[1] then return -1 end
 local written = 0
 if cur[1] == 'queued' or cur[1] == 'running' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 6))
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 7))
   redis.call('HDEL', KEYS[1], 'input')
   redis.call('HINCRBY', ARGV[5] .. redis.call('HGET', KEYS[1], 'model'), ARGV[1], 1)
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
@@ -74,7 +73,7 @@ if cur[1] == 'queued' or cur[1] == 'running' then
   redis.call('PUBLISH', ARGV[3], id)
   local hook = redis.call('HGET', KEYS[1], 'webhook')
   if hook and hook ~= '' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'job', id)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'job', id)
   end
   written = 1
 end
@@ -86,7 +85,7 @@ return written
 """
 
 # KEYS: job key, webhook stream. ARGV: owner, now_ms, ttl_ms, channel, group, stats prefix,
-# cancel channel prefix.
+# cancel channel prefix, webhook stream cap.
 # Returns {'ok'} | {'final', status} | {'missing'}.
 CANCEL = """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'stream', 'entry', 'id')
@@ -100,7 +99,7 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('PUBLISH', ARGV[4], cur[5])
 local hook = redis.call('HGET', KEYS[1], 'webhook')
 if hook and hook ~= '' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'job', cur[5])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'job', cur[5])
 end
 if cur[3] then
   redis.call('XACK', cur[3], ARGV[5], cur[4])

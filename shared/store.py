@@ -88,7 +88,7 @@ class JobStore:
         key was used with another body. A replay of the same key and body returns the first ids.
         """
         created = now_ms()
-        streams = [keys.stream(model, p) for p in ("high", "normal", "low")]
+        streams = keys.streams(model)
         idem = keys.idempotency(owner or "-", idempotency_key) if idempotency_key else ""
         ids = [new_job_id() for _ in jobs]
         argv: list[Any] = [0, self.result_ttl_ms, self.idempotency_ttl_ms, request_hash, model,
@@ -132,7 +132,8 @@ class JobStore:
         reply = await self._cancel(
             keys=[keys.job(job_id), keys.webhooks()],
             args=[owner, now_ms(), keys.CANCELED_TTL_S * 1000, keys.FINAL_CHANNEL,
-                  keys.BATCHER_GROUP, keys.STATS_PREFIX, keys.CANCEL_CHANNEL_PREFIX],
+                  keys.BATCHER_GROUP, keys.STATS_PREFIX, keys.CANCEL_CHANNEL_PREFIX,
+                  keys.WEBHOOKS_MAXLEN],
         )
         kind = _s(reply[0])
         if kind == "missing":
@@ -177,7 +178,7 @@ class JobStore:
                     fields += [name, value]
             calls.append(([keys.job(o.job_id), keys.webhooks()],
                           [o.status, self.result_ttl_ms, keys.FINAL_CHANNEL,
-                           keys.BATCHER_GROUP, keys.STATS_PREFIX, *fields]))
+                           keys.BATCHER_GROUP, keys.STATS_PREFIX, keys.WEBHOOKS_MAXLEN, *fields]))
         return [int(r) == 1 for r in await self._pipelined(self._finish, calls)]
 
     async def _pipelined(self, script: AsyncScript,
@@ -216,7 +217,7 @@ class JobStore:
         """(queued, in_flight) jobs of the model: in flight are the entries the batcher handed to
         workers (pending on the in-flight consumer); the rest of the stream waits."""
         pipe = self.redis.pipeline(transaction=False)
-        streams = [keys.stream(model, p) for p in ("high", "normal", "low")]
+        streams = keys.streams(model)
         for stream in streams:
             pipe.xlen(stream)
         for stream in streams:
@@ -230,14 +231,6 @@ class JobStore:
                     if c.get("name") == keys.INFLIGHT_CONSUMER:
                         in_flight += int(c.get("pending", 0))
         return max(0, total - in_flight), in_flight
-
-    async def queue_depth(self, model: str) -> int:
-        """Jobs of the model not yet final (queued or running): stream entries are deleted when
-        their job reaches a final state, so the stream lengths are the backlog."""
-        pipe = self.redis.pipeline(transaction=False)
-        for p in ("high", "normal", "low"):
-            pipe.xlen(keys.stream(model, p))
-        return int(sum(await pipe.execute()))
 
 
 def _s(value: bytes | str | int) -> str:
