@@ -68,6 +68,7 @@ class ModelBatcher:
         self.in_flight: dict[str, InFlight] = {}
         self.slots = 0
         self.wake = asyncio.Event()
+        self.room = asyncio.Event()  # set when the read-ahead shrinks
         self.reasons: Counter[str] = Counter()
         self._last_report = "$"
         self.batch_rows: Counter[int] = Counter()
@@ -137,9 +138,9 @@ class ModelBatcher:
             self._accept(entries)
 
     async def _wait_for_room(self) -> None:
-        self._room = asyncio.Event()
+        self.room.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._room.wait(), REFRESH_S)
+            await asyncio.wait_for(self.room.wait(), REFRESH_S)
 
     def _accept(self, entries: list[Entry]) -> None:
         now, wall = time.monotonic(), time.time()
@@ -271,9 +272,7 @@ class ModelBatcher:
         wall = time.time()
         for e in entries:
             self.queue_wait.observe(wall - e.submitted_ms / 1000)
-        room = getattr(self, "_room", None)
-        if room is not None:
-            room.set()
+        self.room.set()
 
     async def _shed(self, decision: Shed) -> None:
         entries = [self.held.pop(p.entry_id) for p in decision.entries if p.entry_id in self.held]
