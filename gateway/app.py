@@ -99,7 +99,9 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
             raise NotFound(f"no model {model!r}")
         return d.specs[model]
 
-    async def submit(request: Request, model: str, batch: bool) -> tuple[Deps, list[Job], bool]:
+    async def submit(request: Request, model: str,
+                     batch: bool) -> tuple[Deps, list[Job], str]:
+        """Validate and enqueue; returns the deps, the jobs and the caller's owner id."""
         d = deps(request)
         owner = d.keys.owner(request.headers.get("authorization"))
         spec = spec_of(d, model)
@@ -124,10 +126,10 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
             raise await _queue_full(d, model, exc) from None
         d.metrics.submitted(model, len(jobs), time.monotonic() - started)
         if done.replay:
-            return d, await d.store.get_many(done.ids, owner), True
+            return d, await d.store.get_many(done.ids, owner), owner
         created = iso(done.created_ms) or ""
         return d, [Job(id=i, model=model, status="queued", priority=env.priority,
-                       created_at=created, metrics=JobMetrics()) for i in done.ids], False
+                       created_at=created, metrics=JobMetrics()) for i in done.ids], owner
 
     async def _queue_full(d: Deps, model: str, exc: QueueFull) -> QueueFull:
         """429 whose Retry-After is the time the backlog needs to drain at the current rate."""
@@ -143,11 +145,10 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
 
     @app.post("/v1/models/{model}/jobs", status_code=202)
     async def submit_one(model: str, request: Request) -> JSONResponse:
-        d, jobs, _ = await submit(request, model, batch=False)
+        d, jobs, owner = await submit(request, model, batch=False)
         job = jobs[0]
         wait_s = inputs.prefer_wait_s(request.headers.get("prefer"), d.settings.max_wait_s)
         if wait_s > 0 and job.status not in FINAL_STATUSES:
-            owner = d.keys.owner(request.headers.get("authorization"))
             job = await d.waiters.wait(job.id, lambda: d.store.get(job.id, owner), wait_s)
         return job_response(job, 200 if job.status in FINAL_STATUSES else 202)
 
