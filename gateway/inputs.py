@@ -4,6 +4,7 @@ schema. Every failure becomes a contract error (413/422) naming what was wrong."
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -112,3 +113,16 @@ def prefer_wait_s(header: str | None, cap_s: float) -> float:
     """Seconds asked for by `Prefer: wait=N` (RFC 7240), capped; 0 when absent."""
     match = _WAIT.search(header or "")
     return min(float(match.group(1)), cap_s) if match else 0.0
+
+
+def query_wait_s(raw: str | None, cap_s: float) -> float:
+    """`?wait=N` seconds for a long-poll, clamped to [0, cap]; 422 when not a number."""
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise InvalidInput("query.wait: Input should be a valid number", field="query.wait")
+    return min(max(value, 0.0), cap_s)

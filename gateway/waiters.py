@@ -1,9 +1,11 @@
 """Long-poll support: one pub/sub subscription per gateway process wakes every waiting request
-when its job reaches a final state. No request polls Redis in a loop."""
+when its job reaches a final state. No request polls Redis in a loop, and a request woken with
+the record in the message (keys.FINAL_CHANNEL) answers from it without reading Redis again."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -15,14 +17,16 @@ from shared import keys
 from shared.jobs import FINAL_STATUSES, Job
 
 log = logging.getLogger(__name__)
+Fields = dict[str, str]
 
 
 class CompletionWaiters:
-    """Futures keyed by job id, resolved from the FINAL_CHANNEL subscription."""
+    """Futures keyed by job id, resolved from the FINAL_CHANNEL subscription with the job's
+    record fields, or None when the message carried only the id."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self._waiting: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
+        self._waiting: dict[str, set[asyncio.Future[Fields | None]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -51,7 +55,8 @@ class CompletionWaiters:
                 while not self._stopping:
                     message = await pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
-                        self._wake(str(message["data"]))
+                        job_id, _, record = str(message["data"]).partition("\n")
+                        self._wake(job_id, record)
             except (RedisError, OSError) as exc:
                 log.warning("completion listener reconnecting error=%s", exc)
                 await asyncio.sleep(backoff_s)
@@ -59,22 +64,29 @@ class CompletionWaiters:
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    def _wake(self, job_id: str) -> None:
-        for fut in self._waiting.pop(job_id, ()):
+    def _wake(self, job_id: str, record: str = "") -> None:
+        futures = self._waiting.pop(job_id, None)
+        if not futures:
+            return
+        # Parsed only when someone waits for this job, once for all of its waiters.
+        fields: Fields | None = json.loads(record) if record else None
+        for fut in futures:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(fields)
 
     def _wake_all(self) -> None:
         for job_id in list(self._waiting):
             self._wake(job_id)
 
-    async def wait(self, job_id: str, fetch: Callable[[], Awaitable[Job]],
-                   timeout_s: float) -> Job:
-        """Return the job once final, or as it stands when `timeout_s` passes."""
+    async def wait(self, job_id: str, fetch: Callable[[], Awaitable[Job]], timeout_s: float,
+                   build: Callable[[Fields], Job]) -> Job:
+        """Return the job once final, or as it stands when `timeout_s` passes. `fetch` reads
+        the job from Redis; `build` makes it from the record fields a wake-up carried (both
+        apply the caller's access check)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[Fields | None] = loop.create_future()
             # Register before reading, so a completion between the read and the wait still wakes.
             self._waiting[job_id].add(fut)
             try:
@@ -83,9 +95,11 @@ class CompletionWaiters:
                 if job.status in FINAL_STATUSES or remaining <= 0:
                     return job
                 try:
-                    await asyncio.wait_for(fut, remaining)
+                    fields = await asyncio.wait_for(fut, remaining)
                 except TimeoutError:
                     return await fetch()
+                if fields is not None:
+                    return build(fields)
             finally:
                 waiting = self._waiting.get(job_id)
                 if waiting is not None:

@@ -25,8 +25,10 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=False,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events cost a Redis publish per task in the batcher and the worker; Flower
+        # enables them on the workers itself (its enable_events timer) while it runs.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={

@@ -16,8 +16,11 @@ BATCHER_GROUP = "batchers"
 # Consumer that owns the entries of batches dispatched to workers (see batcher.streams).
 INFLIGHT_CONSUMER = "inflight"
 
-# Pub/sub channel carrying the id of every job that reached a final state (long-poll wake-ups).
+# Pub/sub channel carrying every job that reached a final state (long-poll wake-ups): "id", or
+# "id\n" + the record as JSON when its output is at most PUBLISH_RECORD_MAX_BYTES, so that a
+# waiting request answers without reading the record back.
 FINAL_CHANNEL = f"{PREFIX}:ev:final"
+PUBLISH_RECORD_MAX_BYTES = 65_536
 
 # Channel prefix on which a cancel announces the stream entry it removed, per model, so the
 # batcher drops the entry from its read-ahead before it reaches a batch.

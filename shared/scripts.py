@@ -41,47 +41,83 @@ end
 return {'ok', joined}
 """
 
-# KEYS: job key. ARGV: now_ms, worker, device, max_attempts.
-# Returns {'run', attempts, input, created_ms} | {'poison', attempts} | {'skip', status} | {'missing'}.
+# One call per batch. KEYS: the batch's job keys. ARGV: now_ms, worker, device, max_attempts.
+# Returns, per job: {'run', attempts, input, created_ms} | {'poison', attempts} | {'skip', status}
+# | {'missing'}.
 START = """
-local st = redis.call('HMGET', KEYS[1], 'status', 'expires_ms')
-if not st[1] then return {'missing'} end
-if st[1] ~= 'queued' and st[1] ~= 'running' then return {'skip', st[1]} end
-if st[1] == 'queued' and tonumber(st[2]) <= tonumber(ARGV[1]) then return {'skip', 'expired'} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts > tonumber(ARGV[4]) then return {'poison', attempts} end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_ms', ARGV[1], 'worker', ARGV[2],
-  'device', ARGV[3])
-local rec = redis.call('HMGET', KEYS[1], 'input', 'created_ms')
-return {'run', attempts, rec[1], rec[2]}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local st = redis.call('HMGET', key, 'status', 'expires_ms')
+  if not st[1] then
+    out[i] = {'missing'}
+  elseif st[1] ~= 'queued' and st[1] ~= 'running' then
+    out[i] = {'skip', st[1]}
+  elseif st[1] == 'queued' and tonumber(st[2]) <= tonumber(ARGV[1]) then
+    out[i] = {'skip', 'expired'}
+  else
+    local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+    if attempts > tonumber(ARGV[4]) then
+      out[i] = {'poison', attempts}
+    else
+      redis.call('HSET', key, 'status', 'running', 'started_ms', ARGV[1], 'worker', ARGV[2],
+        'device', ARGV[3])
+      local rec = redis.call('HMGET', key, 'input', 'created_ms')
+      out[i] = {'run', attempts, rec[1], rec[2]}
+    end
+  end
+end
+return out
 """
 
-# KEYS: job key, webhook stream. ARGV: status, ttl_ms, channel, group, stats key prefix,
-# webhook stream cap, then field/value pairs.
-# Writes the final state unless one is already there, then acks and deletes the stream entry
-# either way (the entry's work is over). Returns 1 written, 0 already final, -1 record gone.
+# One call per batch. KEYS[1]: webhook stream, then one job key per job.
+# ARGV: ttl_ms, channel, group, stats key prefix, webhook stream cap, publish cap (bytes of
+# output), then per job: status, n, and n field/value pairs.
+# Writes each final state unless one is already there, then acks and deletes the job's stream
+# entry either way (the entry's work is over). The publish carries "id\n" + the record as JSON
+# (no input) so a long-poll answers without reading it back; only the id past the cap.
+# Returns per job 1 written, 0 already final, -1 record gone.
 FINISH = """
-local cur = redis.call('HMGET', KEYS[1], 'status', 'stream', 'entry')
-if not cur[1] then return -1 end
-local written = 0
-if cur[1] == 'queued' or cur[1] == 'running' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 7))
-  redis.call('HDEL', KEYS[1], 'input')
-  redis.call('HINCRBY', ARGV[5] .. redis.call('HGET', KEYS[1], 'model'), ARGV[1], 1)
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-  local id = redis.call('HGET', KEYS[1], 'id')
-  redis.call('PUBLISH', ARGV[3], id)
-  local hook = redis.call('HGET', KEYS[1], 'webhook')
-  if hook and hook ~= '' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'job', id)
+local out = {}
+local a = 7
+for k = 2, #KEYS do
+  local key = KEYS[k]
+  local status, n = ARGV[a], tonumber(ARGV[a + 1])
+  local first, last = a + 2, a + 1 + 2 * n
+  a = last + 1
+  local cur = redis.call('HMGET', key, 'status', 'stream', 'entry')
+  if not cur[1] then
+    out[k - 1] = -1
+  else
+    out[k - 1] = 0
+    if cur[1] == 'queued' or cur[1] == 'running' then
+      if n > 0 then
+        redis.call('HSET', key, 'status', status, unpack(ARGV, first, last))
+      else
+        redis.call('HSET', key, 'status', status)
+      end
+      redis.call('HDEL', key, 'input')
+      local flat = redis.call('HGETALL', key)
+      local rec = {}
+      for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
+      redis.call('HINCRBY', ARGV[4] .. rec['model'], status, 1)
+      redis.call('PEXPIRE', key, tonumber(ARGV[1]))
+      if #(rec['output'] or '') <= tonumber(ARGV[6]) then
+        redis.call('PUBLISH', ARGV[2], rec['id'] .. '\\n' .. cjson.encode(rec))
+      else
+        redis.call('PUBLISH', ARGV[2], rec['id'])
+      end
+      if rec['webhook'] and rec['webhook'] ~= '' then
+        redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'job', rec['id'])
+      end
+      out[k - 1] = 1
+    end
+    if cur[2] then
+      redis.call('XACK', cur[2], ARGV[3], cur[3])
+      redis.call('XDEL', cur[2], cur[3])
+    end
   end
-  written = 1
 end
-if cur[2] then
-  redis.call('XACK', cur[2], ARGV[4], cur[3])
-  redis.call('XDEL', cur[2], cur[3])
-end
-return written
+return out
 """
 
 # KEYS: job key, webhook stream. ARGV: owner, now_ms, ttl_ms, channel, group, stats prefix,

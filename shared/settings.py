@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     lookahead_batches: int = Field(3, description="Full batches a batcher reads ahead.")
     lease_ttl_s: float = Field(5.0, description="A batcher's lease on its model; takeover time.")
 
+    task_events: bool = Field(
+        False,
+        description="Send Celery task events even with no monitor; Flower turns them on by itself "
+        "while it runs, so they cost nothing when nobody watches.",
+    )
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: str = "asyncinfer"

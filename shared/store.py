@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from shared import keys, scripts
 from shared.errors import Conflict, NotFound, QueueFull
 from shared.jobs import FINAL_STATUSES, Job, Priority, from_hash, new_job_id, now_ms
+from shared.muxredis import MuxRedis
 
 PRIORITY_INDEX: dict[str, int] = {"high": 1, "normal": 2, "low": 3}
 
@@ -68,8 +67,12 @@ class JobStore:
     """Job records in Redis. Safe to share between tasks of one event loop."""
 
     def __init__(self, redis: aioredis.Redis, *, result_ttl_s: int, job_ttl_s: int,
-                 idempotency_ttl_s: int = 86_400, max_attempts: int = 3) -> None:
+                 idempotency_ttl_s: int = 86_400, max_attempts: int = 3,
+                 mux: MuxRedis | None = None) -> None:
         self.redis = redis
+        # The gateway's per-request calls (submit, get) go through the pipelined client when
+        # one is given; batch-level calls keep redis-py's pipelines.
+        self.mux = mux
         self.result_ttl_ms = result_ttl_s * 1000
         self.job_ttl_s = job_ttl_s
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
@@ -98,7 +101,11 @@ class JobStore:
             argv += [job_id, PRIORITY_INDEX[job.priority], created + ttl_ms, job.rows,
                      job.priority, job.input_json, owner, job.webhook or ""]
         argv[0] = max_queue
-        reply = await self._submit(keys=[*streams, idem, *map(keys.job, ids)], args=argv)
+        job_keys = [*streams, idem, *map(keys.job, ids)]
+        if self.mux is not None:
+            reply = await self.mux.evalsha(self._submit.sha, scripts.SUBMIT, job_keys, argv)
+        else:
+            reply = await self._submit(keys=job_keys, args=argv)
         kind = _s(reply[0])
         if kind == "idem":
             if _s(reply[2]) != request_hash:
@@ -111,18 +118,21 @@ class JobStore:
 
     async def get(self, job_id: str, owner: str = "") -> Job:
         """The job, or NotFound (also for a job of another API key)."""
+        if self.mux is not None:
+            return self.visible(job_id, await self.mux.hgetall(keys.job(job_id)), owner)
         fields = await self.redis.hgetall(keys.job(job_id))
-        return self._visible(job_id, _decode(fields), owner)
+        return self.visible(job_id, _decode(fields), owner)
 
     async def get_many(self, job_ids: Sequence[str], owner: str = "") -> list[Job]:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(keys.job(job_id))
         rows = await pipe.execute()
-        return [self._visible(i, _decode(r), owner) for i, r in zip(job_ids, rows, strict=True)]
+        return [self.visible(i, _decode(r), owner) for i, r in zip(job_ids, rows, strict=True)]
 
     @staticmethod
-    def _visible(job_id: str, fields: dict[str, str], owner: str) -> Job:
+    def visible(job_id: str, fields: dict[str, str], owner: str) -> Job:
+        """The job from its record fields, or NotFound when absent or of another owner."""
         if not fields or "status" not in fields or fields.get("owner", "") != owner:
             raise NotFound(f"no job {job_id!r}")
         return from_hash(fields)
@@ -144,12 +154,13 @@ class JobStore:
 
     async def start(self, job_ids: Sequence[str], worker: str,
                     device: str) -> list[Started]:
-        """Mark jobs running, one round trip. The verdict is 'run', 'poison' (past the attempt
-        limit), or the status that makes the job skip ('canceled', 'expired', 'missing', ...)."""
-        started = now_ms()
-        replies = await self._pipelined(self._start, [
-            ([keys.job(job_id)], [started, worker, device, self.max_attempts])
-            for job_id in job_ids])
+        """Mark a batch's jobs running, one script call. The verdict is 'run', 'poison' (past
+        the attempt limit), or the status that makes the job skip ('canceled', 'expired',
+        'missing', ...)."""
+        if not job_ids:
+            return []
+        replies = await self._start(keys=[keys.job(j) for j in job_ids],
+                                    args=[now_ms(), worker, device, self.max_attempts])
         out: list[Started] = []
         for job_id, reply in zip(job_ids, replies, strict=True):
             kind = _s(reply[0])
@@ -162,10 +173,13 @@ class JobStore:
         return out
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
-        """Write final states (first writer wins) and ack their stream entries, one round trip.
-        Returns, per job, whether this call's state is the one that stuck."""
+        """Write final states (first writer wins) and ack their stream entries, one script
+        call. Returns, per job, whether this call's state is the one that stuck."""
+        if not outcomes:
+            return []
         finished = now_ms()
-        calls: list[tuple[list[Any], list[Any]]] = []
+        args: list[Any] = [self.result_ttl_ms, keys.FINAL_CHANNEL, keys.BATCHER_GROUP,
+                           keys.STATS_PREFIX, keys.WEBHOOKS_MAXLEN, keys.PUBLISH_RECORD_MAX_BYTES]
         for o in outcomes:
             assert o.status in FINAL_STATUSES, o.status
             fields: list[Any] = ["finished_ms", finished]
@@ -176,37 +190,10 @@ class JobStore:
             for name, value in (o.metrics or {}).items():
                 if value is not None:
                     fields += [name, value]
-            calls.append(([keys.job(o.job_id), keys.webhooks()],
-                          [o.status, self.result_ttl_ms, keys.FINAL_CHANNEL,
-                           keys.BATCHER_GROUP, keys.STATS_PREFIX, keys.WEBHOOKS_MAXLEN, *fields]))
-        return [int(r) == 1 for r in await self._pipelined(self._finish, calls)]
-
-    async def _pipelined(self, script: AsyncScript,
-                         calls: Sequence[tuple[list[Any], list[Any]]]) -> list[Any]:
-        """Run `script` once per (keys, args), all in one round trip of plain EVALSHA.
-
-        redis-py's own pipelined scripts cost a SCRIPT EXISTS round trip before every pipeline;
-        here the script is loaded only when Redis answers NOSCRIPT (a restart, SCRIPT FLUSH),
-        and then only the calls that got it run again. The first other error is raised."""
-        if not calls:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for k, a in calls:
-            pipe.evalsha(script.sha, len(k), *k, *a)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:
-            script.sha = await self.redis.script_load(script.script)
-            pipe = self.redis.pipeline(transaction=False)
-            for i in missing:
-                k, a = calls[i]
-                pipe.evalsha(script.sha, len(k), *k, *a)
-            for i, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
-                replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+            args += [o.status, len(fields) // 2, *fields]
+        replies = await self._finish(
+            keys=[keys.webhooks(), *(keys.job(o.job_id) for o in outcomes)], args=args)
+        return [int(r) == 1 for r in replies]
 
     async def dead_letter(self, model: str, job_id: str, attempts: int, reason: str) -> None:
         await self.redis.xadd(keys.dead_letters(model),

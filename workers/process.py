@@ -41,13 +41,18 @@ STUCK_EXIT_CODE = 70
 STUCK_GRACE_S = 2.0
 
 
-def pin(device: Device) -> int:
-    """Pin this process to its CPU slot (affinity and torch threads); returns the thread count."""
-    if device.kind == "cpu" and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[device.ordinal % len(cores)]})
-        return 1
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+def compute_cores(device: Device) -> set[int] | None:
+    """The core a CPU slot computes on; None for a GPU (the process is not pinned)."""
+    if device.kind != "cpu" or not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    return {cores[device.ordinal % len(cores)]}
+
+
+def pin_thread(cores: set[int] | None) -> None:
+    """Pin the calling thread (Linux affinity is per thread) to `cores`."""
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
 
 
 class Worker:
@@ -57,8 +62,12 @@ class Worker:
         self.settings = settings
         self.spec = spec
         self.device = device_for(parse_devices(settings.devices), index)
-        # Before any thread exists: Linux affinity is per thread and inherited at creation.
-        self.threads = pin(self.device)
+        # Only the threads that run the model are pinned to the slot's core: the Celery consumer,
+        # the Redis I/O loop and per-item work float, so on a small machine they do not queue
+        # behind the model's own core (measured: pinning the whole process left a core idle).
+        self.cores = compute_cores(self.device)
+        self.threads = 1 if self.cores is not None else max(
+            1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
         self.name = f"{spec.name}-{index}@{socket.gethostname()}"
         self.slots = spec.options.predict_concurrency + 1
         self.loop = LoopThread()
@@ -71,8 +80,14 @@ class Worker:
         self.heartbeat = HeartbeatPublisher(self.redis, Heartbeat(
             name=self.name, model=spec.name, index=index, device=self.device.label,
             slots=self.slots), settings.heartbeat_interval_s)
-        self.runtime = ModelRuntime(spec, ctx, self.store)
+        if self.cores is not None:
+            self.heartbeat.hb.cores = sorted(self.cores)
+        self.runtime = ModelRuntime(spec, ctx, self.store,
+                                    compute_thread_init=lambda: pin_thread(self.cores))
         self.app = make_celery(settings)
+        # Celery's CLI only names its built-in pools; a configured class is taken when -P is
+        # left out.
+        self.app.conf.worker_pool = "workers.pool:WakingThreadPool"
         self.app.task(name=BATCH_TASK)(self._task)
         self._busy = 0
 
@@ -131,8 +146,8 @@ class Worker:
             log.info("worker ready worker=%s device=%s slots=%d", self.name, self.device.label,
                      self.slots)
             self.app.worker_main([
-                "worker", "-P", "threads", "-c", str(self.slots), "-n", self.name,
-                "-Q", keys.celery_queue(self.spec.name), "-E", "--without-gossip",
+                "worker", "-c", str(self.slots), "-n", self.name,
+                "-Q", keys.celery_queue(self.spec.name), "--without-gossip",
                 "--without-mingle", "--loglevel", self.settings.log_level,
             ])
         finally:

@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,21 +74,25 @@ class ModelRuntime:
     """One loaded model in one worker process. `run_batch` may run for several batches at once
     (one per Celery slot); only `predict_concurrency` predicts overlap."""
 
-    def __init__(self, spec: ModelSpec, ctx: ModelContext, store: JobStore) -> None:
+    def __init__(self, spec: ModelSpec, ctx: ModelContext, store: JobStore,
+                 compute_thread_init: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.ctx = ctx
         self.store = store
         self.model: InferenceModel = spec.cls(**spec.params)
         concurrency = spec.options.predict_concurrency
         self._predict_slots = asyncio.Semaphore(concurrency)
-        self._predict_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="predict")
+        # load() and predict() run on these threads only: they are the ones pinned to a CPU slot.
+        self._predict_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="predict",
+                                                initializer=compute_thread_init)
         self._item_pool = ThreadPoolExecutor(ITEM_LANES, thread_name_prefix="items")
         self.abandoned: list[concurrent.futures.Future[Any]] = []
 
     def load(self) -> None:
         """Load weights; runs before the worker consumes any batch."""
         started = time.monotonic()
-        self.model.load(self.ctx.device)
+        # On the compute thread, so a warm-up inside load() runs where predict will.
+        self._predict_pool.submit(self.model.load, self.ctx.device).result()
         log.info("model loaded model=%s device=%s load_s=%.2f", self.spec.name, self.ctx.device,
                  time.monotonic() - started)
 
