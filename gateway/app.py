@@ -25,7 +25,7 @@ from gateway.views import model_info
 from gateway.waiters import CompletionWaiters
 from gateway.webhooks import READ_BLOCK_S, WebhookDeliverer
 from shared.errors import AsyncInferError, InvalidInput, NotFound, QueueFull, Unavailable
-from shared.jobs import FINAL_STATUSES, Job, JobMetrics, iso
+from shared.jobs import FINAL_STATUSES, Job, JobMetrics, iso, new_job_id
 from shared.modelspec import ModelSpec, load_specs
 from shared.muxredis import MuxRedis
 from shared.redisconn import connect
@@ -126,8 +126,10 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
             items = [(("input",), env.input)]
         jobs = inputs.new_jobs(spec, items, env)
         idem = request.headers.get("idempotency-key")
+        ids = [new_job_id() for _ in jobs]
+        d.waiters.note_submitted(ids)
         try:
-            done = await d.store.submit(model, jobs, owner=owner,
+            done = await d.store.submit(model, jobs, owner=owner, ids=ids,
                                         max_queue=spec.options.max_queue,
                                         idempotency_key=idem[:200] if idem else None,
                                         request_hash=body_hash(raw) if idem else "")

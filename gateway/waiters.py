@@ -1,14 +1,21 @@
 """Long-poll support: one pub/sub subscription per gateway process wakes every waiting request
 when its job reaches a final state. No request polls Redis in a loop, and a request woken with
-the record in the message (keys.FINAL_CHANNEL) answers from it without reading Redis again."""
+the record in the message (keys.FINAL_CHANNEL) answers from it without reading Redis again.
+
+Jobs this process submitted are "fresh" for FRESH_S: while the subscription has stayed up since
+before their submit, every final message about them has been seen here, so a long-poll on one
+needs no read of Redis at all: it answers from the message already received, or waits for it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -18,6 +25,16 @@ from shared.jobs import FINAL_STATUSES, Job
 
 log = logging.getLogger(__name__)
 Fields = dict[str, str]
+FRESH_S = 10.0
+FRESH_MAX = 100_000
+
+
+@dataclass
+class _Fresh:
+    epoch: int
+    noted_s: float
+    record: str | None = None  # the final message's record ("" when it carried only the id)
+
 
 
 class CompletionWaiters:
@@ -29,6 +46,11 @@ class CompletionWaiters:
         self._waiting: dict[str, set[asyncio.Future[Fields | None]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Bumped whenever the subscription is lost or made: a fresh job noted under another
+        # epoch may have missed its message.
+        self._epoch = 0
+        self._live = False
+        self._fresh: dict[str, _Fresh] = {}  # insertion order is age order
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="completion-listener")
@@ -46,23 +68,48 @@ class CompletionWaiters:
     async def _listen(self) -> None:
         backoff_s = 0.1
         while not self._stopping:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(keys.FINAL_CHANNEL)
-                # Anything that finished while we were not subscribed: let waiters re-check.
-                self._wake_all()
                 backoff_s = 0.1
                 while not self._stopping:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
+                    if not message:
+                        continue
+                    if message.get("type") == "subscribe":
+                        # Confirmed: every message from here on reaches us.
+                        self._epoch += 1
+                        self._live = True
+                        # Anything that finished while we were not subscribed: let waiters
+                        # re-check.
+                        self._wake_all()
+                    elif message.get("type") == "message":
                         job_id, _, record = str(message["data"]).partition("\n")
+                        fresh = self._fresh.get(job_id)
+                        if fresh is not None:
+                            fresh.record = record
                         self._wake(job_id, record)
             except (RedisError, OSError) as exc:
                 log.warning("completion listener reconnecting error=%s", exc)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
             finally:
+                self._live = False
+                self._epoch += 1
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def note_submitted(self, job_ids: list[str]) -> None:
+        """Call before the jobs are written: their final messages will be kept for FRESH_S."""
+        if not self._live:
+            return
+        now = time.monotonic()
+        for job_id in job_ids:
+            self._fresh[job_id] = _Fresh(self._epoch, now)
+        while self._fresh:
+            oldest = next(iter(self._fresh))
+            if now - self._fresh[oldest].noted_s < FRESH_S and len(self._fresh) <= FRESH_MAX:
+                break
+            del self._fresh[oldest]
 
     def _wake(self, job_id: str, record: str = "") -> None:
         futures = self._waiting.pop(job_id, None)
@@ -85,21 +132,33 @@ class CompletionWaiters:
         apply the caller's access check)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        fresh = self._fresh.get(job_id)
+        # Without a read is safe only if no message about the job can have been missed.
+        unread = fresh is not None and fresh.epoch == self._epoch and self._live
         while True:
+            if unread and fresh is not None and fresh.record is not None:
+                if fresh.record:  # it finished and the message carried the record
+                    del self._fresh[job_id]
+                    return build(json.loads(fresh.record))
+                unread = False  # it finished, the message carried only the id: read it
             fut: asyncio.Future[Fields | None] = loop.create_future()
             # Register before reading, so a completion between the read and the wait still wakes.
             self._waiting[job_id].add(fut)
             try:
-                job = await fetch()
+                job = None if unread else await fetch()
                 remaining = deadline - loop.time()
-                if job.status in FINAL_STATUSES or remaining <= 0:
+                if job is not None and (job.status in FINAL_STATUSES or remaining <= 0):
                     return job
+                if remaining <= 0:
+                    return await fetch()
                 try:
                     fields = await asyncio.wait_for(fut, remaining)
                 except TimeoutError:
                     return await fetch()
                 if fields is not None:
+                    self._fresh.pop(job_id, None)
                     return build(fields)
+                unread = False  # woken without a record: read it
             finally:
                 waiting = self._waiting.get(job_id)
                 if waiting is not None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -55,7 +56,8 @@ class Job(BaseModel):
 
 
 def new_job_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as hex, as uuid4().hex but without building a UUID (a third the cost)."""
+    return os.urandom(16).hex()
 
 
 def now_ms() -> int:
@@ -63,10 +65,18 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@functools.lru_cache(maxsize=1024)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def iso(ms: str | int | None) -> str | None:
+    """Epoch milliseconds as ISO 8601 UTC with milliseconds; every job read formats four, and
+    the date part repeats within a second, so it is cached."""
     if ms in (None, ""):
         return None
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds")
+    second, milli = divmod(int(ms), 1000)
+    return f"{_iso_second(second)}.{milli:03d}+00:00"
 
 
 def _num(raw: str | None) -> float | None:

@@ -84,16 +84,17 @@ class JobStore:
 
     async def submit(self, model: str, jobs: Sequence[NewJob], *, owner: str = "",
                      max_queue: int, idempotency_key: str | None = None,
-                     request_hash: str = "") -> Submitted:
+                     request_hash: str = "", ids: Sequence[str] | None = None) -> Submitted:
         """Write the records and append the stream entries atomically; returns the job ids.
 
         Raises QueueFull when the backlog would pass `max_queue`, Conflict when the idempotency
         key was used with another body. A replay of the same key and body returns the first ids.
+        `ids`, when given, are the new jobs' ids (a caller that watches for them beforehand).
         """
         created = now_ms()
         streams = keys.streams(model)
         idem = keys.idempotency(owner or "-", idempotency_key) if idempotency_key else ""
-        ids = [new_job_id() for _ in jobs]
+        ids = list(ids) if ids is not None else [new_job_id() for _ in jobs]
         argv: list[Any] = [0, self.result_ttl_ms, self.idempotency_ttl_ms, request_hash, model,
                            created, len(jobs)]
         for job_id, job in zip(ids, jobs, strict=True):

@@ -1,0 +1,109 @@
+"""Long-poll waiters against a real Redis: a fresh job is answered from its final message with no
+read, and any doubt (an id-only message, a dropped subscription) falls back to reading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from gateway.waiters import CompletionWaiters
+from shared import keys
+from shared.jobs import Job
+from shared.redisserver import RedisServer
+from shared.store import JobStore
+
+RECORD = {"id": "j1", "model": "m", "status": "succeeded", "created_ms": "1763700000000",
+          "finished_ms": "1763700000009", "output": '{"y": 1}', "owner": ""}
+
+
+class Reads:
+    """The `fetch` callback, counting its calls; answers a queued job."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def __call__(self) -> Job:
+        self.count += 1
+        return JobStore.visible("j1", {**RECORD, "status": "queued", "output": ""}, "")
+
+
+def build(fields: dict[str, str]) -> Job:
+    return JobStore.visible(fields["id"], fields, "")
+
+
+@pytest.fixture
+async def waiters(redis_server: RedisServer) -> AsyncIterator[CompletionWaiters]:
+    w = CompletionWaiters(aioredis.Redis.from_url(redis_server.url, decode_responses=True))
+    w.start()
+    for _ in range(200):  # until the subscription is confirmed
+        if w._live:
+            break
+        await asyncio.sleep(0.01)
+    yield w
+    await w.stop()
+
+
+def publish(url: str, message: str) -> None:
+    client = redis.Redis.from_url(url)
+    client.publish(keys.FINAL_CHANNEL, message)
+    client.close()
+
+
+async def test_a_fresh_job_is_answered_from_its_message_without_a_read(
+        waiters: CompletionWaiters, redis_server: RedisServer) -> None:
+    waiters.note_submitted(["j1"])
+    reads = Reads()
+    task = asyncio.create_task(waiters.wait("j1", reads, 10, build))
+    await asyncio.sleep(0.05)
+    publish(redis_server.url, "j1\n" + json.dumps(RECORD))
+    job = await asyncio.wait_for(task, 5)
+    assert job.status == "succeeded" and job.output == {"y": 1}
+    assert reads.count == 0
+
+
+async def test_a_fresh_job_finished_before_the_poll_needs_no_read(
+        waiters: CompletionWaiters, redis_server: RedisServer) -> None:
+    waiters.note_submitted(["j1"])
+    publish(redis_server.url, "j1\n" + json.dumps(RECORD))
+    await asyncio.sleep(0.1)
+    reads = Reads()
+    job = await waiters.wait("j1", reads, 10, build)
+    assert job.status == "succeeded" and reads.count == 0
+
+
+async def test_an_id_only_message_makes_the_poll_read(
+        waiters: CompletionWaiters, redis_server: RedisServer) -> None:
+    waiters.note_submitted(["j1"])
+    publish(redis_server.url, "j1")
+    await asyncio.sleep(0.1)
+    reads = Reads()
+    job = await waiters.wait("j1", reads, 0.2, build)
+    assert reads.count >= 1 and job.status == "queued"
+
+
+async def test_a_dropped_subscription_makes_fresh_jobs_read_again(
+        waiters: CompletionWaiters, redis_server: RedisServer) -> None:
+    waiters.note_submitted(["j1"])
+    epoch = waiters._epoch
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.client_kill_filter(_type="pubsub")
+    admin.close()
+    for _ in range(300):  # the listener notices and subscribes again
+        if waiters._epoch > epoch and waiters._live:
+            break
+        await asyncio.sleep(0.01)
+    assert waiters._epoch > epoch
+    reads = Reads()
+    await waiters.wait("j1", reads, 0.2, build)
+    assert reads.count >= 1  # a message may have been lost while it was down
+
+
+async def test_a_job_not_submitted_here_is_read_first(waiters: CompletionWaiters) -> None:
+    reads = Reads()
+    job = await waiters.wait("j1", reads, 0.1, build)
+    assert reads.count >= 1 and job.status == "queued"
