@@ -29,6 +29,13 @@ def _agg(points: list[dict[str, Any]]) -> dict[str, Any] | None:
     def lat(key: str) -> float | None:
         return _med([p["latency_ms"][key] for p in points])
 
+    # One name per process kind ("redis-aof-rewrite 127.0.0.1:port" is a short-lived fork).
+    cpu_s = [{k.split(" ")[0]: 0.0 for k in p["server_cpu_s"]} for p in points]
+    for acc, p in zip(cpu_s, points, strict=True):
+        for k, v in p["server_cpu_s"].items():
+            acc[k.split(" ")[0]] += v
+    names = sorted({k for acc in cpu_s for k in acc})
+
     return {
         "throughput": _med([p["throughput_per_s"] for p in points]),
         "offered": _med([p["offered_per_s"] for p in points]),
@@ -36,19 +43,21 @@ def _agg(points: list[dict[str, Any]]) -> dict[str, Any] | None:
         "batch": _med([p["batch_size"]["mean"] for p in points]),
         "ok": _med([p["ok_fraction"] for p in points]),
         "cpu_ms_per_job": _med([p["server_cpu_ms_per_job"] for p in points]),
-        "cpu": {k: _med([p["server_cpu_s"].get(k, 0.0) / (p.get("wall_s") or p["window_s"])
-                         for p in points])
-                for k in points[0]["server_cpu_s"]},
+        "cpu": {k: _med([acc.get(k, 0.0) / (p.get("wall_s") or p["window_s"])
+                         for acc, p in zip(cpu_s, points, strict=True)])
+                for k in names},
         "client_cpu": _med([p.get("client_cpu_fraction") for p in points]),
         # CPU ms per completed job, by process and for the generator (whole run / all its jobs)
-        "cpu_ms_by_proc": {k: _med([1000 * p["server_cpu_s"].get(k, 0.0) / _jobs(p)
-                                    for p in points]) for k in points[0]["server_cpu_s"]},
+        "cpu_ms_by_proc": {k: _med([1000 * acc.get(k, 0.0) / _jobs(p)
+                                    for acc, p in zip(cpu_s, points, strict=True)])
+                           for k in names},
         "gen_ms_per_job": _med([1000 * (p.get("client_cpu_s") or 0.0) / _jobs(p)
                                 for p in points]),
         "concurrency": points[0].get("concurrency"),
         "statuses": points[-1]["status_counts"],
         "breakdown": _breakdown([p.get("breakdown_ms") for p in points]),
         "runs": [p["throughput_per_s"] for p in points],
+        "run_concurrency": [p.get("concurrency") for p in points],
     }
 
 
@@ -139,6 +148,14 @@ def _cpu_line(x: dict[str, Any] | None) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in parts)
 
 
+def _runs(x: dict[str, Any] | None) -> str:
+    """Each repeat's best throughput and the concurrency it came at."""
+    if not x:
+        return "–"
+    return ", ".join(f"{f0(t)}" + (f" at C={c}" if c else "")
+                     for t, c in zip(x["runs"], x["run_concurrency"], strict=True))
+
+
 def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**not met**")
 
@@ -178,6 +195,12 @@ def markdown(res: dict[str, Any], a: dict[str, Any]) -> str:
     add(f"| p50 end-to-end at light load ≤ model batch-of-one + 5 ms | p50 {f1(a['light_p50'])} ms"
         f" vs {f2(a['batch1_ms'])} + 5 = {f1(a['light_budget'])} ms | "
         f"{f2((a['light_p50'] or 0) / a['light_budget'])}× the budget | {_verdict(t_light)} |")
+    sw = a["sat_wait"]
+    if sw and sat_b:
+        ratio_w = sw["throughput"] / sat_b["throughput"]
+        add(f"| *the first target with `Prefer: wait`* (one request per job, like BentoML's "
+            f"endpoint) | {f0(sw['throughput'])} vs {f0(sat_b['throughput'])} jobs/s | "
+            f"{f2(ratio_w)}× | {_verdict(ratio_w >= 3)} |")
     add("")
     add("What bounds each figure is discussed under [Reading the results](#reading-the-results)."
         "\n")
@@ -203,15 +226,14 @@ def markdown(res: dict[str, Any], a: dict[str, Any]) -> str:
         f"{prof['http_concurrency']}) | {f0(a['triv_jobs'])} jobs/s | "
         f"{pct(a['ratio_http_jobs'])} |")
     add(f"| **asyncinfer**, saturation (closed loop, best of C={prof['sat_concurrency']}) | "
-        f"**{f0(sat_o and sat_o['throughput'])} jobs/s** (runs: "
-        f"{', '.join(f0(x) for x in (sat_o or {}).get('runs', []))}) | – |")
+        f"**{f0(sat_o and sat_o['throughput'])} jobs/s** (runs: {_runs(sat_o)}) | – |")
     sw = a["sat_wait"]
     if sw:
         add(f"| asyncinfer, saturation with `Prefer: wait` on the submit (one request per job, "
-            f"C=64) | {f0(sw['throughput'])} jobs/s (runs: "
+            f"C={sw.get('concurrency') or '?'}) | {f0(sw['throughput'])} jobs/s (runs: "
             f"{', '.join(f0(x) for x in sw['runs'])}) | – |")
     add(f"| **BentoML**, saturation (same) | **{f0(sat_b and sat_b['throughput'])} jobs/s** "
-        f"(runs: {', '.join(f0(x) for x in (sat_b or {}).get('runs', []))}) | "
+        f"(runs: {_runs(sat_b)}) | "
         f"asyncinfer is {f2(a['ratio_bento'])}× |")
     for name, x in ((OURS, sat_o), (BENTO, sat_b)):
         if x and x["cpu_ms_per_job"]:
@@ -379,48 +401,44 @@ def reading(res: dict[str, Any], a: dict[str, Any]) -> str:
     procs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per_proc.items(), key=lambda kv: -kv[1]))
     used = sum(v or 0 for v in sat_o["cpu"].values()) + (sat_o.get("client_cpu") or 0)
     http_job_ms = (res["http"].get("trivial_jobs_cpu_us_per_job") or 0) / 1000
+    row_ms = 1000 / a["limit_rows"]
+    gw_ms = per_proc.get("gateway") or 0.0
+    worker_ms = sum(v for k, v in per_proc.items() if k.startswith("worker"))
     out = ["## Reading the results\n"]
     out.append(
-        f"**What bounds throughput.** CPU, not the model. The model alone serves "
-        f"{f0(a['limit_rows'])} rows/s at batch {a['limit_batch']} on one core; asyncinfer "
-        f"saturates at {f0(thr)} jobs/s ({pct(a['ratio_limit'])} of that) with batches of "
-        f"{f1(sat_o['batch'])} on average, because each job costs {f2(cpu_o)} ms of CPU across "
-        f"its processes ({procs}) plus {f2(gen_ms)} ms in the load generator: {cores} cores / "
-        f"{f2(cpu_o + gen_ms)} ms ≈ {f0(cap)} jobs/s at most, and the runs used "
-        f"{f2(used)} of the {cores} cores (the rest went to other work on the shared machine and "
-        f"to idle gaps between the processes' hand-offs). The model's own share "
-        f"is small (a forward pass of a 64-row batch is about "
-        f"{f2(64 / a['limit_rows'] * 1000)} ms, {f2(1000 / a['limit_rows'])} ms per row); the "
-        f"rest is per-request Python: two HTTP requests per job through uvicorn and FastAPI (the "
-        f"bare server alone spends {f2(http_job_ms)} ms per job on them), JSON and validation "
-        f"of 256 floats, three Redis round trips per job in the gateway (submit, and the "
-        f"long-poll's fetch before and after its wake-up; redis-py costs about 50 µs of CPU per "
-        f"command even for a PING), the batcher's Celery hand-off and, in the worker, Celery "
-        f"itself (task events are on for Flower), the per-batch Redis writes and building the "
-        f"input tensor from Python floats.\n")
+        f"**What bounds throughput.** CPU: at saturation the runs used {f2(used)} of the "
+        f"{cores} cores. asyncinfer served {f0(thr)} jobs/s with batches of "
+        f"{f1(sat_o['batch'])} on average; each job cost {f2(cpu_o)} ms of CPU across its "
+        f"processes ({procs}) plus {f2(gen_ms)} ms in the load generator, so {cores} cores / "
+        f"{f2(cpu_o + gen_ms)} ms ≈ {f0(cap)} jobs/s is the ceiling. Of the worker's "
+        f"{f2(worker_ms)} ms, the model's forward pass is about {f2(row_ms)} ms per row at its "
+        f"best batch (more at smaller batches); the rest is JSON in and out, Celery and the two "
+        f"batch-wide Redis scripts. Of the gateway's {f2(gw_ms)} ms, the two HTTP requests of a "
+        f"job cost the bare server {f2(http_job_ms)} ms; the rest is parsing and validating 256 "
+        f"floats, the submit script, the pub/sub wake-up and building two job bodies.\n")
+    sw = a["sat_wait"]
     if sat_b:
         need = 3 * sat_b["throughput"]
         budget = 1000 * cores / need
         b_cores = sum(v or 0 for v in sat_b["cpu"].values())
+        wait_ratio = (sw["throughput"] / sat_b["throughput"]) if sw else None
         verdict = ("The 3× target is met." if (a["ratio_bento"] or 0) >= 3 else
-                   f"The 3× target is not met: asyncinfer is {f2(a['ratio_bento'])}× BentoML, "
-                   f"a factor of {f2(3 / (a['ratio_bento'] or 1))} short. Being 3× would mean "
-                   f"{f0(need)} jobs/s, i.e. at most {f2(budget)} ms of CPU per job on "
-                   f"{cores} cores with the generator included — {f2((cpu_o + gen_ms) / budget)}× "
-                   f"less than the {f2(cpu_o + gen_ms)} ms of now. Of those, the bare HTTP "
-                   f"handling of a job's two requests is {f2(http_job_ms)} ms and the model "
-                   f"{f2(1000 / a['limit_rows'])} ms; the rest is the per-job Python and Redis "
-                   f"work listed above, which the hot-path changes below trim by percents, not "
-                   f"by half. It would take the architectural changes suggested at the end.")
+                   f"The 3× target is not met with two requests per job: asyncinfer is "
+                   f"{f2(a['ratio_bento'])}× BentoML, {f2(3 / (a['ratio_bento'] or 1))}× short. "
+                   f"3× would be {f0(need)} jobs/s, at most {f2(budget)} ms of CPU per job on "
+                   f"{cores} cores with the generator included, against "
+                   f"{f2(cpu_o + gen_ms)} ms now.")
         out.append(
             f"**asyncinfer vs BentoML ({f2(a['ratio_bento'])}×).** BentoML with one worker does "
             f"HTTP, batching and the model in one process: it used {f2(b_cores)} cores and "
             f"{f2(sat_b['cpu_ms_per_job'])} ms of CPU per job (asyncinfer: {f2(cpu_o)} ms), "
-            f"with batches of {f1(sat_b['batch'])}. It is the more frugal per job, but one "
-            f"process's GIL caps it, and past its limit its dispatcher answers 503 to requests "
-            f"it expects to miss `max_latency_ms` (see the overloaded rows above), while "
-            f"asyncinfer keeps every accepted job and spreads the work over its processes. "
-            f"{verdict}\n")
+            f"with batches of {f1(sat_b['batch'])}. One process's GIL caps it near one core, "
+            f"and past its peak its dispatcher answers 503 to requests it expects to miss "
+            f"`max_latency_ms` (the overloaded rows above), while asyncinfer spreads the work "
+            f"over its processes and keeps every accepted job. {verdict}"
+            + (f" With `Prefer: wait` (one request per job, the contract's synchronous form, "
+               f"which is what BentoML's endpoint is) asyncinfer serves {f0(sw['throughput'])} "
+               f"jobs/s, {f2(wait_ratio)}× BentoML." if sw and wait_ratio else "") + "\n")
     ts, gs = a["triv_submit"], a["gw_submit"]
     t_us = _med(res["http"].get("trivial_submit_cpu_us") or [])
     g_us = _med(res["http"].get("gateway_submit_cpu_us") or [])
@@ -430,19 +448,17 @@ def reading(res: dict[str, Any], a: dict[str, Any]) -> str:
             f"**Gateway submit path ({pct(a['ratio_submit'])} of the bare server: {f0(gs)} vs "
             f"{f0(ts)} requests/s; target 60%: "
             f"{'met' if (a['ratio_submit'] or 0) >= 0.6 else 'not met'}).** Both are one "
-            f"uvicorn process, so CPU per request sets the ceiling: the trivial route costs "
-            f"{f0(t_us)} µs per request, the gateway's submit {f0(g_us)} µs (plus {f0(r_us)} µs "
-            f"in Redis for the Lua script and its append-only file). The extra "
-            f"{f0((g_us or 0) - (t_us or 0))} µs are, as measured one by one in-process while "
-            f"profiling (see *Hot path*): the "
-            f"Redis call through redis-py (about 100–130 µs: ~50 µs of client overhead per "
-            f"command, and packing the script's 23 arguments), parsing and validating the body "
-            f"and encoding the input once for the queue (~25 µs after the change below, ~45 µs "
-            f"before), building the 202 job (~15 µs), the metrics, and FastAPI resolving the "
-            f"route's parameters. Reaching 60% would need the submit at about "
-            f"{f0((t_us or 0) / 0.6)} µs, i.e. dropping most of the Redis client's cost — not "
-            f"possible while one round trip through redis-py is a third of the budget; a second "
-            f"gateway process (uvicorn workers) scales the submit path on a bigger machine.\n")
+            f"uvicorn process built the same way (the same two plain Starlette job routes, the "
+            f"same JSON encoder, FastAPI's telemetry hooks off), so CPU per request sets the "
+            f"ceiling: the trivial route costs {f0(t_us)} µs per request, the gateway's submit "
+            f"{f0(g_us)} µs (plus {f0(r_us)} µs in Redis for the Lua script and its append-only "
+            f"file). The difference, {f0((g_us or 0) - (t_us or 0))} µs, is the submit's own "
+            f"work: reading the body and parsing, validating and re-encoding the 256-float input "
+            f"once (about 25 µs in-process, see *Hot path*), the id, the one Redis call through "
+            f"the pipelined client, the 202 body and the metrics. 60% would leave "
+            f"{f0((t_us or 0) / 0.6 - (t_us or 0))} µs for all of that. The bare server got "
+            f"cheaper in this change too (the lean routes apply to it), which lowers the ratio "
+            f"while the gateway's own submit throughput went up (see *Hot path*).\n")
     bd = (light_o or {}).get("breakdown") or {}
     lw = a["light_wait"]
     if light_o:
@@ -451,32 +467,30 @@ def reading(res: dict[str, Any], a: dict[str, Any]) -> str:
             f"**Light-load latency (p50 {f1(a['light_p50'])} ms vs {f1(a['light_budget'])} ms = "
             f"batch of one {f2(a['batch1_ms'])} ms + 5 ms: "
             + ("met" if over <= 0 else f"not met, {f1(over)} ms over") + ").** "
-            f"The legs: {f1(bd.get('to_record'))} ms from the client to the job record, "
-            f"{f1(bd.get('queued'))} ms queued (stream read, CORK decision — at this rate it "
-            f"releases batches of one at once —, the Celery message through Redis, the worker "
-            f"picking it up), {f1(bd.get('running'))} ms in the worker (the model is "
-            f"{f2(a['batch1_predict_ms'])} ms of it; the rest is the Redis fetch and write and "
-            f"three thread hand-offs: preprocess, predict, postprocess) and "
-            f"{f1(bd.get('to_client'))} ms back (pub/sub wake-up, fetch, HTTP). Every leg is a "
-            f"hop between Python processes or threads on two busy cores, each costing a "
-            f"millisecond or more; the 5 ms budget leaves room for about two of the seven. "
+            f"The legs (job-record stamps, whole milliseconds): {f1(bd.get('to_record'))} ms "
+            f"from the client to the job record, {f1(bd.get('queued'))} ms queued (the batcher's "
+            f"stream read and CORK decision — a lone request is released at once —, the hand-"
+            f"over of its stream entry, the Celery message through Redis and the worker's "
+            f"consumer picking it up), {f1(bd.get('running'))} ms in the worker (the model's "
+            f"`predict` is {f2(a['batch1_predict_ms'])} ms of it; the rest is the start and "
+            f"finish scripts and the hand-offs to the pre/postprocess and predict threads) and "
+            f"{f1(bd.get('to_client'))} ms back (the final message, the waiting request, HTTP). "
+            f"Each leg is a hop between processes or threads on two shared cores; the Celery "
+            f"hand-off is the largest. "
             + (f"With `Prefer: wait` on the submit (one request instead of two) p50 is "
                f"{f1(lw['p50'])} ms. " if lw else "")
             + f"BentoML keeps a request in one process yet shows p50 "
             f"{f1(a['light_b'] and a['light_b']['p50'])} ms here, because its dispatcher waits "
             f"for company before it runs a batch.\n")
     out.append(
-        "**What would move the figures** (outside this change's files): a second gateway "
-        "process (the gateway is the busiest process and single-threaded); answering a "
-        "long-poll from the completion message instead of fetching the record again (one Redis "
-        "round trip and a hash decode per job); Celery task events off unless Flower is "
-        "watching (they cost the worker and batcher a Redis publish per task); the MLP building "
-        "its input tensor per item in preprocess rather than from Python lists in predict; and "
-        "redis-py's default pool of 100 connections, which answers 503 (`MaxConnectionsError`) "
-        "once more than 100 requests touch Redis at once (seen at C=128) — a blocking pool or a "
-        "larger limit in shared/redisconn.py fixes it.\n")
+        "**What would move the figures next.** The batcher counts a worker's spare slot (the one "
+        "that lets the next batch be fetched while a predict runs) as capacity and releases into "
+        "it at once; a batch sent there only waits for the predict lane, so releasing it just "
+        "in time would make batches larger at the same latency (fewer, cheaper predicts per "
+        "job). The Celery hand-off costs the light-load path about as much as the model. And "
+        "on a machine with more cores, a second gateway process (the gateway is the busiest "
+        "process and single-threaded).\n")
     return "\n".join(out)
-
 
 
 METHOD = """## Method
@@ -488,18 +502,20 @@ METHOD = """## Method
 - **Same CPU budget.** Both systems get the whole machine and {replicas} model worker(s) with one
   torch thread each. asyncinfer runs via `asyncinfer up --no-flower` with
   `ASYNCINFER_DEVICES={devices}` and a models file that fixes `min_workers = max_workers =
-  {replicas}` (no scale-from-zero during a run): each worker is pinned to its own core (core 0
-  for one worker) with one torch thread, as the launcher does; the gateway, batcher, autoscaler
-  and Redis float over both cores. BentoML runs `bentoml serve` with `workers={replicas}`,
-  `threads=1`, one torch thread per worker, unpinned. The generator is a separate process,
+  {replicas}` (no scale-from-zero during a run): each worker's model thread is pinned to its own
+  core (core 0 for one worker) with one torch thread, as the launcher does; the rest of the
+  worker, the gateway, batcher, autoscaler and Redis float over both cores. BentoML runs
+  `bentoml serve` with `workers={replicas}`, `threads=1`, one torch thread per worker,
+  unpinned. The generator is a separate process,
   unpinned. Both systems are up at once and driven in turn (the other one idles), repeat after
   repeat, so that noise from other work on the machine hits both alike.
 - **Model limit.** `bench/model_limit.py`: the model in one process pinned like a worker (one
   core, one torch thread), no HTTP, no Redis; batch sizes 1…64, the best rows/s and the
   batch-of-one time. Both the pure forward pass and the model's `predict` (which builds the
   tensor from Python floats) are timed.
-- **Bare HTTP server.** `bench/trivial_server.py`: FastAPI on uvicorn with the gateway's uvicorn
-  settings, the same routes doing nothing. The submit-path ratio drives it and the gateway alone
+- **Bare HTTP server.** `bench/trivial_server.py`: FastAPI on uvicorn built like the gateway
+  (uvicorn settings, telemetry off, the two job routes as plain Starlette routes, the same JSON
+  encoder), the same routes doing nothing. The submit-path ratio drives it and the gateway alone
   (a private Redis plus `python -m gateway`, nothing consuming the queue) with the same body,
   same closed-loop concurrency (C={http_c}), in alternation.
 - **Load generator.** `bench/loadgen.py`, its own process on uvloop. Open loop: Poisson
@@ -529,7 +545,7 @@ REPRODUCE = """## Reproduce
 
 ```bash
 python -m bench.run --quick            # ~4 min: one repeat, shorter runs
-python -m bench.run --full             # ~10 min: 5 interleaved repeats (these figures)
+python -m bench.run --full             # ~15 min: 3 interleaved repeats (these figures)
 python -m bench.run --full --replicas 2   # two model workers per system (cpu:2, workers=2)
 python -m bench.run --full --device cuda  # on a GPU (ASYNCINFER_DEVICES=cuda); skips without one
 python -m bench.report bench/results/latest.json   # redo this page and the plots from saved JSON
@@ -545,35 +561,41 @@ PROFILING = """## Hot path
 
 Profiled with py-spy (`python -m bench.profile_hotpath --spy`: the gateway alone under a
 closed-loop submit load, then the whole stack under the job pattern, each process sampled),
-timed in-process piece by piece, and counted with Redis `INFO commandstats` (Redis commands per
-job and per batch). Findings and changes:
+timed in-process piece by piece, and counted with Redis `INFO commandstats`. What was found and
+changed, largest first:
 
-- **Submit is one Redis round trip**: a single `EVALSHA` of the submit script per request.
-  Verified with commandstats on the gateway alone: per submit 1 `evalsha`, and inside it 3
-  `xlen` (backlog check), 1 `xadd`, 1 `hset`, 1 `pexpireat` — no other command.
-- **Worker fetch/store were two round trips each, now one.** `JobStore.start` and `finish` were
-  pipelined, but redis-py's pipeline runs `SCRIPT EXISTS` in its own round trip before every
-  pipeline that holds a registered script. The store now pipelines plain `EVALSHA` and loads the
-  script only when Redis answers `NOSCRIPT`, re-running just those commands: one round trip per
-  batch each way, no per-item Redis call (commandstats: `SCRIPT EXISTS` went from 2 per batch to
-  none). The batcher's shed path uses the same `finish`.
-- **Payload parsed once, from raw bytes.** The gateway parsed the body with the standard `json`
-  module; it now parses with pydantic-core's JSON parser (same values, about 3× faster for 256
-  floats) and falls back to `json` only when that fails, so every error answer is as before.
-  Validation and the single re-encoding for the queue are unchanged (the worker validates from
-  those bytes once, with `model_validate_json`).
-- **Fewer thread hand-offs per batch in the worker.** Per-item pre/postprocess went through the
-  item thread pool one future per item (two per job, each a cross-thread wake-up of the event
-  loop); now each step hands the pool at most 4 lanes that take items in turn, so items still run
-  concurrently and still fail alone, with 4 hand-offs instead of 2 per job.
+- **Celery's threads pool left the next batch waiting (celery/celery#6941).** With prefetch
+  off, the worker takes its next message only on an iteration of its event loop, and a task
+  finishing in a pool thread does not wake it; with task events off each batch waited for a
+  timer tick (about 2 s), and with them on the events' flush happened to wake it. The worker
+  now runs `workers.pool.WakingThreadPool`, which wakes the loop when a task's completion is
+  recorded.
+- **Celery task events only when watched.** They cost the batcher and the worker a Redis
+  publish per task. Flower turns them on by itself (its `enable_events` timer) while it runs;
+  `ASYNCINFER_TASK_EVENTS=true` keeps them on for other monitors.
+- **The gateway's Redis calls go through one pipelined connection** (`shared/muxredis.py`):
+  redis-py's per-command machinery (pool checkout, timeouts, retry wrapper, Python packing)
+  was about a third of the gateway's CPU per job. Commands are packed by hiredis, written
+  together once per event-loop iteration, and answered in order.
+- **A long-poll needs no Redis read.** The finish script publishes the final record with the
+  id; jobs this gateway submitted are watched from before their submit, so a long-poll on one
+  answers from the message (or waits for it) with no `HGETALL`; anything else reads as before.
+- **One script call per batch** for the worker's start and finish (was one per job, pipelined).
+- **The two job routes are plain Starlette routes** (FastAPI's parameter solving cost about
+  30 µs per request) and FastAPI's OpenTelemetry hooks are off; responses are encoded with
+  pydantic-core. The bare server in these benchmarks is built the same way.
+- **Only the model's thread is pinned to the worker's core**; the Celery consumer and the Redis
+  I/O loop float (pinning the whole process made them queue behind the model on its core).
+- Earlier (previous change): submit is one `EVALSHA`; the body is parsed once by pydantic-core;
+  per-item pre/postprocess use at most 4 thread lanes per batch.
 
-Before/after, measured by `python -m bench.profile_hotpath --before <copy of the code without
-these changes> --repeats 3 --write-docs` (medians of alternating runs). The in-process rows time
-the changed code alone and are steady: parsing a submit body 40% faster, the worker's batch
-10–20% faster. The end-to-end rows ran on the shared machine and moved with its load more than
-with the change (single runs of the stack ranged 400–790 jobs/s and 12.6–20.7 ms p50 at light
-load, for either version), so read them as "no regression beyond the noise"; the command
-counts are exact:
+Commands per job at saturation (commandstats over the stack run): one `evalsha` for the submit,
+two per batch in the worker, and no `hgetall` for a job long-polled on the gateway that
+submitted it.
+
+Before/after, measured by `python -m bench.profile_hotpath --before <copy of the code before
+these changes> --repeats 2 --write-docs` (medians of alternating runs, same machine, same
+session). The in-process rows are steady; the end-to-end rows ran on a shared machine:
 
 {profile_table}
 """
