@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import statistics
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ class ModelBatcher:
         self.reasons: Counter[str] = Counter()
         self._last_report = "$"
         self.batch_rows: Counter[int] = Counter()
+        self.handoffs_ms: deque[float] = deque(maxlen=50)
         self.queue_wait = WaitHistogram()
         self._next_reclaim = 0.0
         self.completed_rows: list[tuple[float, int]] = []
@@ -162,6 +164,8 @@ class ModelBatcher:
             for entry_id, fields in entries:
                 self._last_report = entry_id
                 self._complete(fields.get("batch", ""), int(fields.get("rows", 0)))
+                if fields.get("handoff_ms"):
+                    self.handoffs_ms.append(float(fields["handoff_ms"]))
 
     async def _cancels_once(self) -> None:
         """Drop canceled entries from the read-ahead: they must never reach a batch."""
@@ -299,6 +303,8 @@ class ModelBatcher:
             "drain_rows_per_s": sum(n for _, n in self.completed_rows) / span,
             "dispatch_reasons": dict(self.reasons), "batcher": self.consumer,
             "batch_rows": dict(self.batch_rows), "queue_wait": self.queue_wait.as_dict(),
+            # Median over the last batches of the Celery hand-off (send to the task's start).
+            "handoff_ms_p50": statistics.median(self.handoffs_ms) if self.handoffs_ms else None,
         }
         await self.redis.set(keys.batcher_state(self.spec.name), json.dumps(state),
                              ex=keys.BATCHER_STATE_TTL_S)

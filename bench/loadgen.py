@@ -110,8 +110,10 @@ class RawClient:
                 except OSError as exc:
                     raise HTTPError(f"connect: {type(exc).__name__}: {exc}") from exc
                 try:
-                    status, payload, keep = await asyncio.wait_for(self._exchange(conn, data),
-                                                                   self.timeout_s)
+                    # asyncio.timeout, not wait_for: wait_for wraps the exchange in a task of
+                    # its own, which cost the generator about a quarter of its CPU per request.
+                    async with asyncio.timeout(self.timeout_s):
+                        status, payload, keep = await self._exchange(conn, data)
                 except (OSError, asyncio.IncompleteReadError, ValueError,
                         asyncio.LimitOverrunError) as exc:
                     conn.close()

@@ -68,7 +68,7 @@ PROFILES = {
                      limit_seconds=0.3),
     # Saturation is the best of several concurrencies for each system: BentoML peaks lower and
     # starts shedding (503) past it, asyncinfer needs enough jobs in flight to fill its batches.
-    "full": Profile(duration_s=8, warmup_s=2, repeats=3, sat_concurrency=[128, 256, 512],
+    "full": Profile(duration_s=8, warmup_s=2, repeats=3, sat_concurrency=[64, 128, 256, 512],
                     fractions=[0.1, 0.25, 0.5, 0.75, 0.9], light_rate=20, http_concurrency=64,
                     limit_seconds=0.6, light_repeats=3, overload_concurrency=1024),
 }
@@ -161,13 +161,18 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def settle(server: Server) -> None:
-    """Let a run's leftovers finish before the next run starts."""
+def settle(server: Server, ctx: Ctx | None = None) -> None:
+    """Let a run's leftovers finish, and the system recover, before the next run starts."""
     if isinstance(server, OursStack):
         if not server.wait_idle(90):
             log("warning: asyncinfer still had queued jobs after 90 s")
     elif isinstance(server, GatewayOnly):
         server.flush()
+    elif isinstance(server, BentoServer) and ctx is not None:
+        body = ctx.bodies_bento.read_bytes().splitlines()[0]
+        took = server.wait_recovered(body)
+        if took > 5:
+            log(f"bentoml answered again after {took:.0f} s")
     time.sleep(1.0)
 
 
@@ -234,7 +239,7 @@ def phase_systems(ctx: Ctx, bento_venv: Path | None) -> dict[str, Any]:
     devices = "cuda" if ctx.device == "cuda" else f"cpu:{ctx.replicas}"
     res: dict[str, Any] = {"devices": devices, "sat": {"asyncinfer": [], "bentoml": []},
                            "light": {"asyncinfer": [], "bentoml": []}, "loads": [],
-                           "sat_wait": [], "light_wait": []}
+                           "sat_wait": [], "light_wait": [], "light_handoff_ms": []}
     ours = OursStack(ctx.out / "asyncinfer", devices=devices, workers=ctx.replicas)
     bento = (BentoServer(ctx.out / "bentoml", venv=bento_venv, workers=ctx.replicas,
                          device=ctx.device) if bento_venv else None)
@@ -249,14 +254,14 @@ def phase_systems(ctx: Ctx, bento_venv: Path | None) -> dict[str, Any]:
         for name, srv in systems:  # warm-up: the fit, the pools, the JIT-less caches
             loadgen(ctx, srv, system=name, kind="warmup", protocol=_proto(name), mode="closed",
                     concurrency=64, duration_s=4, warmup_s=1, record=False)
-            settle(srv)
+            settle(srv, ctx)
         for _ in range(p.repeats):
             for name, srv in systems:
                 best = None
                 for c in p.sat_concurrency:
                     r = loadgen(ctx, srv, system=name, kind=f"saturation-c{c}",
                                 protocol=_proto(name), mode="closed", concurrency=c)
-                    settle(srv)
+                    settle(srv, ctx)
                     if best is None or r["throughput_per_s"] > best["throughput_per_s"]:
                         best = r
                 assert best is not None
@@ -266,28 +271,23 @@ def phase_systems(ctx: Ctx, bento_venv: Path | None) -> dict[str, Any]:
                                 protocol="jobs-wait", mode="closed",
                                 concurrency=best["config"]["concurrency"])
                     res["sat_wait"].append(_point(r))
-                    settle(srv)
+                    settle(srv, ctx)
         sat = statistics.median(x["throughput_per_s"] for x in res["sat"]["asyncinfer"])
         res["ours_saturation"] = sat
-        if p.overload_concurrency:
-            res["overload"] = {}
-            for name, srv in systems:
-                r = loadgen(ctx, srv, system=name, kind=f"overload-c{p.overload_concurrency}",
-                            protocol=_proto(name), mode="closed",
-                            concurrency=p.overload_concurrency)
-                res["overload"][name] = _point(r)
-                settle(srv)
         for _ in range(p.light_repeats):
             for name, srv in systems:
                 r = loadgen(ctx, srv, system=name, kind="light", protocol=_proto(name),
                             mode="open", rate=p.light_rate)
                 res["light"][name].append(_point(r))
-                settle(srv)
+                settle(srv, ctx)
+                if isinstance(srv, OursStack):
+                    res["light_handoff_ms"].append(srv.model_info()["batcher"].get(
+                        "handoff_ms_p50"))
                 if name == "asyncinfer":
                     r = loadgen(ctx, srv, system=name, kind="light-prefer-wait",
                                 protocol="jobs-wait", mode="open", rate=p.light_rate)
                     res["light_wait"].append(_point(r))
-                    settle(srv)
+                    settle(srv, ctx)
         for frac in p.fractions:
             rate = frac * sat
             point: dict[str, Any] = {"fraction": frac, "rate": rate}
@@ -295,8 +295,17 @@ def phase_systems(ctx: Ctx, bento_venv: Path | None) -> dict[str, Any]:
                 r = loadgen(ctx, srv, system=name, kind=f"load-{int(frac * 100)}",
                             protocol=_proto(name), mode="open", rate=rate)
                 point[name] = _point(r)
-                settle(srv)
+                settle(srv, ctx)
             res["loads"].append(point)
+        # Last: driven far past its peak a system may need a while to recover.
+        if p.overload_concurrency:
+            res["overload"] = {}
+            for name, srv in systems:
+                r = loadgen(ctx, srv, system=name, kind=f"overload-c{p.overload_concurrency}",
+                            protocol=_proto(name), mode="closed",
+                            concurrency=p.overload_concurrency)
+                res["overload"][name] = _point(r)
+                settle(srv, ctx)
         res["stack_logs"] = str(ours.work_dir / "state" / "logs")
     finally:
         if bento is not None:

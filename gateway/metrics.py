@@ -99,7 +99,7 @@ class GatewayMetrics:
             state = json.loads(state_raw) if state_raw else {}
             states[model] = state
             for name in ("a_s", "b_s", "avg_wait_ms", "in_flight", "queue_rows", "slots",
-                         "drain_rows_per_s"):
+                         "drain_rows_per_s", "handoff_ms_p50"):
                 if isinstance(state.get(name), int | float):
                     self.batcher.labels(model, name).set(state[name])
             for reason, n in (state.get("dispatch_reasons") or {}).items():

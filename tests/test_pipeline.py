@@ -53,6 +53,13 @@ async def test_200_concurrent_jobs_match_the_model_run_directly(procs: Procs,
     assert 0 < batches < 200
     print(f"200 jobs ran in {batches} batches")
 
+    def handoff_reported() -> bool:
+        info = httpx.get(f"{url}/v1/models/mlp", timeout=10).json()
+        return info["batcher"].get("handoff_ms_p50") is not None
+
+    # The Celery hand-off of each batch (send to start) is measured and published.
+    wait_until(handoff_reported, 10, "the batcher to publish the hand-off time")
+
 
 async def test_long_poll_wakes_on_completion_not_on_timeout(procs: Procs,
                                                             settings: Settings) -> None:

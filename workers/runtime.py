@@ -42,6 +42,9 @@ class BatchReport:
 
     batch_id: str
     rows: int
+    # Wall-clock ms from the batcher's send to this worker starting the batch: the Celery
+    # hand-off (clocks of one machine; across machines it includes their skew).
+    handoff_ms: float | None = None
     ok: int = 0
     failed: int = 0
     skipped: int = 0
@@ -100,6 +103,8 @@ class ModelRuntime:
         """Run the batch and write every job's final state (one round trip each way)."""
         t0 = time.monotonic()
         report = BatchReport(req.batch_id, rows=len(req.job_ids))
+        if req.dispatched_ms:
+            report.handoff_ms = round(max(0.0, time.time() * 1000 - req.dispatched_ms), 3)
         outcomes: list[Outcome] = []
         items: list[_Item] = []
         for st in await self.store.start(req.job_ids, self.ctx.worker_name, self.ctx.device):
@@ -228,6 +233,9 @@ class ModelRuntime:
         return [Outcome(j, "failed", error=err) for j in req.job_ids]
 
     def report_fields(self, report: BatchReport) -> dict[str, str]:
-        return {"batch": report.batch_id, "rows": str(report.rows), "ok": str(report.ok),
-                "failed": str(report.failed), "worker": self.ctx.worker_name,
-                "spans": json.dumps(report.spans)}
+        fields = {"batch": report.batch_id, "rows": str(report.rows), "ok": str(report.ok),
+                  "failed": str(report.failed), "worker": self.ctx.worker_name,
+                  "spans": json.dumps(report.spans)}
+        if report.handoff_ms is not None:
+            fields["handoff_ms"] = str(report.handoff_ms)
+        return fields
