@@ -430,9 +430,10 @@ def reading(res: dict[str, Any], a: dict[str, Any]) -> str:
         verdict = ("The 3× target is met." if (a["ratio_bento"] or 0) >= 3 else
                    f"The 3× target is not met with two requests per job: asyncinfer is "
                    f"{f2(a['ratio_bento'])}× BentoML, {f2(3 / (a['ratio_bento'] or 1))}× short. "
-                   f"3× would be {f0(need)} jobs/s, at most {f2(budget)} ms of CPU per job on "
-                   f"{cores} cores with the generator included, against "
-                   f"{f2(cpu_o + gen_ms)} ms now.")
+                   f"3× would be {f0(need)} jobs/s: at most {f2(budget)} ms of CPU per job "
+                   f"with every one of the {cores} cores busy, against "
+                   f"{f2(cpu_o + gen_ms)} ms now with {f2(used)} cores busy (the rest is idle "
+                   f"time at the hand-offs between processes).")
         out.append(
             f"**asyncinfer vs BentoML ({f2(a['ratio_bento'])}×).** BentoML with one worker does "
             f"HTTP, batching and the model in one process: it used {f2(b_cores)} cores and "

@@ -64,7 +64,7 @@ class Worker:
         self.device = device_for(parse_devices(settings.devices), index)
         # Only the threads that run the model are pinned to the slot's core: the Celery consumer,
         # the Redis I/O loop and per-item work float, so on a small machine they do not queue
-        # behind the model's own core (measured: pinning the whole process left a core idle).
+        # behind the model on its core.
         self.cores = compute_cores(self.device)
         self.threads = 1 if self.cores is not None else max(
             1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
