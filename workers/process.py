@@ -91,8 +91,8 @@ class Worker:
         self.app.task(name=BATCH_TASK)(self._task)
         self._busy = 0
 
-    def _task(self, model: str, batch_id: str, job_ids: list[str], dispatched_ms: int = 0) -> \
-            dict[str, Any]:
+    def _task(self, model: str, batch_id: str, job_ids: list[str],
+              dispatched_ms: float = 0) -> dict[str, Any]:
         req = BatchRequest(model, batch_id, job_ids, dispatched_ms)
         self._set_busy(+1)
         try:

@@ -33,7 +33,7 @@ class BatchRequest:
     model: str
     batch_id: str
     job_ids: list[str]
-    dispatched_ms: int = 0
+    dispatched_ms: float = 0  # the batcher's wall clock at send, sub-millisecond
 
 
 @dataclass
