@@ -61,6 +61,11 @@ def _agg(points: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def _runs_of(x: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An offered load's runs: a list of repeats (older results hold a single run)."""
+    return x if isinstance(x, list) else [x]
+
+
 def _jobs(p: dict[str, Any]) -> int:
     n = p.get("succeeded_total") or p.get("jobs_total") or p["status_counts"].get("succeeded", 0)
     return max(1, int(n))
@@ -87,8 +92,9 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
     sat_b = _agg(sysr["sat"][BENTO])
     light_o = _agg(sysr["light"][OURS])
     light_b = _agg(sysr["light"][BENTO])
-    loads = [{"fraction": pt["fraction"], "rate": pt["rate"], OURS: _agg([pt[OURS]]),
-              BENTO: _agg([pt[BENTO]]) if BENTO in pt else None} for pt in sysr["loads"]]
+    loads = [{"fraction": pt["fraction"], "rate": pt["rate"], OURS: _agg(_runs_of(pt[OURS])),
+              BENTO: _agg(_runs_of(pt[BENTO])) if BENTO in pt else None}
+             for pt in sysr["loads"]]
     triv_submit = _med(http["trivial_submit"])
     gw_submit = _med(http["gateway_submit"])
     triv_jobs = _med(http["trivial_jobs"])
@@ -207,8 +213,8 @@ def markdown(res: dict[str, Any], a: dict[str, Any]) -> str:
         "\n")
     add("## Results\n")
     add(f"Medians of {reps} interleaved repeat(s) ({prof.get('light_repeats', reps)} at light "
-        "load; the other offered loads once). Throughput counts successful jobs only; "
-        "latency is from a job's arrival to its final answer.\n")
+        f"load, {prof.get('load_repeats', 1)} at each other offered load). Throughput counts "
+        "successful jobs only; latency is from a job's arrival to its final answer.\n")
     add("### Limits and ratios\n")
     add("| what | figure | asyncinfer as a ratio of it |")
     add("|---|---|---|")
@@ -386,7 +392,8 @@ def _other_configs(res: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def _max_lag(res: dict[str, Any]) -> float | None:
     sysr = res["systems"]
     points = [p for lst in sysr["light"].values() for p in lst] + list(sysr.get("light_wait", []))
-    points += [pt[k] for pt in sysr["loads"] for k in (OURS, BENTO) if k in pt]
+    points += [r for pt in sysr["loads"] for k in (OURS, BENTO) if k in pt
+               for r in _runs_of(pt[k])]
     lags = [(p.get("issue_lag_ms") or {}).get("p99") for p in points]
     vals = [x for x in lags if x is not None]
     return max(vals) if vals else None

@@ -59,6 +59,7 @@ class Profile:
     http_concurrency: int
     limit_seconds: float
     light_repeats: int = 1
+    load_repeats: int = 1  # runs at each offered load (fractions of our saturation)
     overload_concurrency: int | None = None  # one closed-loop run past saturation, per system
 
 
@@ -70,7 +71,8 @@ PROFILES = {
     # starts shedding (503) past it, asyncinfer needs enough jobs in flight to fill its batches.
     "full": Profile(duration_s=8, warmup_s=2, repeats=3, sat_concurrency=[64, 128, 256, 512],
                     fractions=[0.1, 0.25, 0.5, 0.75, 0.9], light_rate=20, http_concurrency=64,
-                    limit_seconds=0.6, light_repeats=3, overload_concurrency=1024),
+                    limit_seconds=0.6, light_repeats=3, load_repeats=3,
+                    overload_concurrency=1024),
 }
 
 
@@ -288,15 +290,16 @@ def phase_systems(ctx: Ctx, bento_venv: Path | None) -> dict[str, Any]:
                                 protocol="jobs-wait", mode="open", rate=p.light_rate)
                     res["light_wait"].append(_point(r))
                     settle(srv, ctx)
-        for frac in p.fractions:
-            rate = frac * sat
-            point: dict[str, Any] = {"fraction": frac, "rate": rate}
-            for name, srv in systems:
-                r = loadgen(ctx, srv, system=name, kind=f"load-{int(frac * 100)}",
-                            protocol=_proto(name), mode="open", rate=rate)
-                point[name] = _point(r)
-                settle(srv, ctx)
-            res["loads"].append(point)
+        points = [{"fraction": frac, "rate": frac * sat, **{name: [] for name, _ in systems}}
+                  for frac in p.fractions]
+        for _ in range(p.load_repeats):  # interleaved: each repeat climbs through the loads
+            for point in points:
+                for name, srv in systems:
+                    r = loadgen(ctx, srv, system=name, kind=f"load-{int(point['fraction'] * 100)}",
+                                protocol=_proto(name), mode="open", rate=point["rate"])
+                    point[name].append(_point(r))
+                    settle(srv, ctx)
+        res["loads"] = points
         # Last: driven far past its peak a system may need a while to recover.
         if p.overload_concurrency:
             res["overload"] = {}
