@@ -292,8 +292,10 @@ def phase_systems(ctx: Ctx, bento_venv: Path | None) -> dict[str, Any]:
                     settle(srv, ctx)
         points = [{"fraction": frac, "rate": frac * sat, **{name: [] for name, _ in systems}}
                   for frac in p.fractions]
-        for _ in range(p.load_repeats):  # interleaved: each repeat climbs through the loads
-            for point in points:
+        # The loads only climb: BentoML, once driven past its peak, goes on refusing for a while
+        # even at light load, so a lower load measured after a higher one would show that.
+        for point in points:
+            for _ in range(p.load_repeats):
                 for name, srv in systems:
                     r = loadgen(ctx, srv, system=name, kind=f"load-{int(point['fraction'] * 100)}",
                                 protocol=_proto(name), mode="open", rate=point["rate"])
