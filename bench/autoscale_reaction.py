@@ -52,16 +52,13 @@ from typing import Any
 import httpx
 import redis
 
-from bench.docs import replace_section
+from bench.docs import DOCS, IMG, REPO, RESULTS, replace_section
 from shared import keys
 from shared.devices import device_for, parse_devices, pinning_env
 from shared.procs import free_port, spawn, terminate, wait_port
 from shared.redisserver import RedisServer
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-DOC = ROOT / "docs" / "autoscaling.md"
-IMG = ROOT / "docs" / "img"
+DOC = DOCS / "autoscaling.md"
 BEGIN = "<!-- autoscale-reaction:begin -->"
 END = "<!-- autoscale-reaction:end -->"
 
@@ -759,7 +756,7 @@ def main() -> None:
         IMG.mkdir(parents=True, exist_ok=True)
         plot(result, IMG / "autoscale-reaction.png", IMG / "autoscale-timeline.png")
         if write_doc(markdown(result), DOC):
-            print(f"updated {DOC.relative_to(ROOT)}")
+            print(f"updated {DOC.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

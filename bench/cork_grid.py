@@ -22,11 +22,10 @@ from typing import TypedDict
 
 from batcher.policy import PolicyConfig
 from batcher.simulate import POLICIES, CostModel, SimResult, make_trace, simulate
+from bench.docs import DOCS, IMG, REPO, RESULTS
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "cork_grid.json"
-DOC = ROOT / "docs" / "batching.md"
-IMG = ROOT / "docs" / "img"
+RESULT = RESULTS / "cork_grid.json"
+DOC = DOCS / "batching.md"
 MARK_START, MARK_END = "<!-- cork-grid:start -->", "<!-- cork-grid:end -->"
 
 LOADS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5)
@@ -232,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds, seeds = (4.0, 1) if args.quick else (args.seconds, args.seeds)
     started = time.monotonic()
     grid = run_grid(Setup(), seconds, seeds, args.workers)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(grid, indent=1))
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(grid, indent=1))
     markdown = tables(grid)
     print(markdown)
     if not args.quick:
@@ -241,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_vs_reference(grid, IMG / "cork_vs_reference.png")
         update_doc(markdown, DOC)
     print(f"\n{len(grid['runs'])} runs in {time.monotonic() - started:.0f} s; "
-          f"results in {RESULTS.relative_to(ROOT)}")
+          f"results in {RESULT.relative_to(REPO)}")
     return 0
 
 

@@ -6,6 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+# Where every benchmark reads and writes: the repository, its raw results (not committed), the
+# docs the results are written into and their pictures.
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+DOCS = REPO / "docs"
+IMG = DOCS / "img"
+
 
 def replace_section(doc: Path, begin: str, end: str, section: str) -> bool:
     """Replace what stands between the `begin` and `end` markers of `doc`; False when the doc

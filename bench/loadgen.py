@@ -43,8 +43,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from bench.docs import emit_json
-
-FINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
+from shared.jobs import FINAL_STATUSES as FINAL
 
 
 class HTTPError(Exception):

@@ -32,10 +32,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.docs import REPO, RESULTS
 from bench.run import write_bodies
-from bench.systems import MODEL, REPO, GatewayOnly, OursStack, Server, cpu_delta, tree_cpu
-
-RESULTS = REPO / "bench" / "results"
+from bench.systems import MODEL, GatewayOnly, OursStack, Server, cpu_delta, tree_cpu
 
 
 def redis_url_of(server: Server) -> str:

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.systems import MAX_BATCH_SIZE, MAX_LATENCY_MS, REPO
+from bench.docs import REPO
+from bench.systems import MAX_BATCH_SIZE, MAX_LATENCY_MS
 
 OURS, BENTO = "asyncinfer", "bentoml"
 COLORS = {OURS: "#1f77b4", BENTO: "#d62728"}

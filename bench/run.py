@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.docs import REPO, RESULTS
 from bench.systems import (
     MODEL,
-    REPO,
     BentoServer,
     GatewayOnly,
     OursStack,
@@ -44,7 +44,6 @@ from bench.systems import (
     tree_cpu,
 )
 
-RESULTS = REPO / "bench" / "results"
 FEATURES = 256
 
 

@@ -48,19 +48,16 @@ import httpx
 import redis.asyncio as aioredis
 
 from bench.autoscale_reaction import BenchStack, raise_on_sigterm
-from bench.docs import replace_section
+from bench.docs import DOCS, IMG, REPO, RESULTS, replace_section
 from shared import keys
+from shared.jobs import FINAL_STATUSES as FINAL
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-DOC = ROOT / "docs" / "soak.md"
-IMG = ROOT / "docs" / "img"
+DOC = DOCS / "soak.md"
 BEGIN = "<!-- soak:begin -->"
 END = "<!-- soak:end -->"
 
 MODEL = "mlp"
 FEATURES = 256
-FINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
 LONG_POLL_S = 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -589,7 +586,7 @@ def main() -> None:
         IMG.mkdir(parents=True, exist_ok=True)
         plot(result, IMG / "soak-timeline.png")
         if write_doc(markdown(result), DOC):
-            print(f"updated {DOC.relative_to(ROOT)}")
+            print(f"updated {DOC.relative_to(REPO)}")
     if result["totals"]["lost"]:
         raise SystemExit(f"{result['totals']['lost']} jobs lost")
 

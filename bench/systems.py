@@ -27,10 +27,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from bench.docs import REPO
 from shared.procs import free_port, terminate, wait_port
 from shared.redisserver import RedisServer
 
-REPO = Path(__file__).resolve().parent.parent
 BENTO_DIR = REPO / "bench" / "bentoml_service"
 MODEL = "mlp"
 MAX_BATCH_SIZE = 64
