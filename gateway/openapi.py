@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from shared.jobs import Job
+
 _JOB = {"$ref": "#/components/schemas/Job"}
 _ERROR = {"description": "Contract error: {\"error\": {\"type\", \"message\", ...}}"}
 _JOB_RESPONSE = {"content": {"application/json": {"schema": _JOB}}}
@@ -55,7 +57,6 @@ LEAN_PATHS: dict[str, dict[str, Any]] = {
 
 def document_lean_routes(app: FastAPI) -> None:
     """Make `app.openapi()` include LEAN_PATHS and the Job schema they refer to."""
-    from shared.jobs import Job
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -67,7 +67,8 @@ class HeartbeatPublisher:
         self.interval_s = interval_s
         self.hb.pid = os.getpid()
         self.hb.host = socket.gethostname()
-        if hasattr(os, "sched_getaffinity"):
+        if not self.hb.cores and hasattr(os, "sched_getaffinity"):
+            # No compute core given (a GPU worker): the cores the process may use.
             self.hb.cores = sorted(os.sched_getaffinity(0))
 
     async def publish(self) -> None:

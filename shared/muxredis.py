@@ -60,7 +60,7 @@ class MuxRedis:
         self._protocol: _Protocol | None = None
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._out: list[bytes] = []
-        self._connecting: asyncio.Lock | None = None
+        self._connecting = asyncio.Lock()
         self._watch: asyncio.TimerHandle | None = None
 
     async def execute(self, *args: Any) -> Any:
@@ -98,8 +98,6 @@ class MuxRedis:
             self._watch = loop.call_later(self.timeout_s - age_s, self._check_stall)
 
     async def _connect(self) -> None:
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._transport is not None:
                 return

@@ -90,11 +90,7 @@ for k = 2, #KEYS do
   else
     out[k - 1] = 0
     if cur[1] == 'queued' or cur[1] == 'running' then
-      if n > 0 then
-        redis.call('HSET', key, 'status', status, unpack(ARGV, first, last))
-      else
-        redis.call('HSET', key, 'status', status)
-      end
+      redis.call('HSET', key, 'status', status, unpack(ARGV, first, last))
       redis.call('HDEL', key, 'input')
       local flat = redis.call('HGETALL', key)
       local rec = {}

@@ -79,9 +79,7 @@ class Worker:
         context.set_current(ctx)
         self.heartbeat = HeartbeatPublisher(self.redis, Heartbeat(
             name=self.name, model=spec.name, index=index, device=self.device.label,
-            slots=self.slots), settings.heartbeat_interval_s)
-        if self.cores is not None:
-            self.heartbeat.hb.cores = sorted(self.cores)
+            slots=self.slots, cores=sorted(self.cores or ())), settings.heartbeat_interval_s)
         self.runtime = ModelRuntime(spec, ctx, self.store,
                                     compute_thread_init=lambda: pin_thread(self.cores))
         self.app = make_celery(settings)
