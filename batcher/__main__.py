@@ -38,9 +38,9 @@ def _dump_tasks() -> None:
         log.info("task name=%s at=%s", task.get_name(), where)
 
 
-async def _run(make: Callable[[], ModelBatcher]) -> None:
+async def _run(make: Callable[[Lease], ModelBatcher], lease: Lease) -> None:
     # A fresh batcher each time the lease is won: no state survives a lost leadership.
-    await make().run()
+    await make(lease).run()
 
 
 async def serve(settings: Settings) -> None:
@@ -58,13 +58,15 @@ async def serve(settings: Settings) -> None:
     loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     log.info("batcher starting consumer=%s models=%s", consumer, ",".join(specs))
     tasks: list[asyncio.Task[None]] = []
+    leases: list[Lease] = []
     for spec in specs.values():
         batcher = functools.partial(ModelBatcher, settings, spec, redis,
                                     connect(settings, block_s=2.0), celery, store, cork_policy,
                                     consumer)
         lease = Lease(redis, spec.name, consumer, settings.lease_ttl_s)
+        leases.append(lease)
         tasks.append(asyncio.create_task(
-            serve_while_leader(lease, functools.partial(_run, batcher), spec.name)))
+            serve_while_leader(lease, functools.partial(_run, batcher))))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
@@ -74,8 +76,8 @@ async def serve(settings: Settings) -> None:
               if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
     if errors:
         raise errors[0]
-    for spec in specs.values():
-        await Lease(redis, spec.name, consumer, settings.lease_ttl_s).release()
+    for lease in leases:
+        await lease.release()
     await redis.aclose()
     log.info("batcher stopped consumer=%s", consumer)
 

@@ -52,6 +52,7 @@ class _Fifo:
         self._max_rows = max(1, config.max_batch_size)
         self._queue = PendingQueue(None)
         self._in_flight: set[str] = set()
+        self._last_s = 0.0
         counter = itertools.count(1)
         self._new_id = id_factory or (lambda: f"batch-{next(counter)}")
 
@@ -61,11 +62,19 @@ class _Fifo:
     def remove(self, entry_ids: Iterable[str]) -> list[Pending]:
         return self._queue.remove(entry_ids)
 
-    def on_complete(self, batch_id: str, rows: int, duration_s: float) -> None:
+    def on_complete(self, batch_id: str, rows: int, duration_s: float,
+                    overhead_s: float | None = None) -> None:
         self._in_flight.discard(batch_id)
+        self._last_s = duration_s / max(1, rows)
 
     def forget(self, batch_id: str) -> None:
         self._in_flight.discard(batch_id)
+
+    def predict_s(self, rows: int) -> float:
+        return self._last_s * rows  # no fit: the last batch's time per row
+
+    def batch_cost_s(self, rows: int) -> float:
+        return self.predict_s(rows)
 
     @property
     def queue_rows(self) -> int:
@@ -249,16 +258,26 @@ class ReferenceCork:
     def remove(self, entry_ids: Iterable[str]) -> list[Pending]:
         return []  # the reference never drops a canceled request: it is computed anyway
 
-    def on_complete(self, batch_id: str, rows: int, duration_s: float) -> None:
+    def on_complete(self, batch_id: str, rows: int, duration_s: float,
+                    overhead_s: float | None = None) -> None:
         sent = self._sent.pop(batch_id, None)
         if sent is not None:
             sent.dispatcher.in_flight = None
-            sent.dispatcher.optimizer.log_outbound(sent.jobs, sent.wait_s, duration_s)
+            # The reference times its whole call (hand-off included), not the predict alone.
+            total_s = duration_s + (overhead_s or 0.0)
+            sent.dispatcher.optimizer.log_outbound(sent.jobs, sent.wait_s, total_s)
 
     def forget(self, batch_id: str) -> None:
         sent = self._sent.pop(batch_id, None)
         if sent is not None:
             sent.dispatcher.in_flight = None
+
+    def predict_s(self, rows: int) -> float:
+        opt = self._dispatchers[0].optimizer
+        return opt.o_a * rows + opt.o_b
+
+    def batch_cost_s(self, rows: int) -> float:
+        return self.predict_s(rows)
 
     def decide(self, free_slots: int) -> Decision:
         now = self._clock()

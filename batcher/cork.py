@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from batcher.latency import ArrivalRate, LatencyModel
+from batcher.latency import ArrivalRate, LatencyModel, Overhead
 from batcher.policy import (
     Clock,
     Decision,
@@ -85,6 +85,7 @@ class CorkPolicy:
             overrun_quantile=overrun_quantile,
         )
         self._arrivals = ArrivalRate()
+        self._overhead = Overhead()
         counter = itertools.count(1)
         self._new_id = id_factory or (lambda: f"batch-{next(counter)}")
         self._in_flight: dict[str, _InFlight] = {}
@@ -110,11 +111,15 @@ class CorkPolicy:
         self._plan_cache = None
         return self._queue.remove(entry_ids)
 
-    def on_complete(self, batch_id: str, rows: int, duration_s: float) -> None:
-        """A released batch finished after `duration_s` (dispatch to completion)."""
+    def on_complete(self, batch_id: str, rows: int, duration_s: float,
+                    overhead_s: float | None = None) -> None:
+        """A released batch's predict took `duration_s`; `overhead_s` is the rest of its
+        latency (see `BatchingPolicy.on_complete`)."""
         self._in_flight.pop(batch_id, None)
         self._plan_cache = None
         self._model.observe(rows, duration_s)
+        if overhead_s is not None and overhead_s >= 0:
+            self._overhead.observe(overhead_s)
         self._calibrated = self._calibrated or self._model.identifiable
         if self._model.fitted and self._over_budget() and not self._warned:
             self._warned = True
@@ -124,6 +129,12 @@ class CorkPolicy:
         """A released batch will never report; stop counting it in flight."""
         self._in_flight.pop(batch_id, None)
         self._plan_cache = None
+
+    def predict_s(self, rows: int) -> float:
+        return self._model.predict(rows)
+
+    def batch_cost_s(self, rows: int) -> float:
+        return self._overhead.value_s + self._model.predict(rows)
 
     # --- the decision --------------------------------------------------------------------------
 
@@ -158,7 +169,8 @@ class CorkPolicy:
             return self._release(now, batch, "full")
         oldest = min(e.arrived_s for e in batch)
         one_more = min(self._max_rows, rows + math.ceil(self._arrivals.rows_per_arrival))
-        deadline = oldest + self._budget_s - self._model.predict_high(one_more)
+        deadline = (oldest + self._budget_s - self._overhead.value_s
+                    - self._model.predict_high(one_more))
         if now >= deadline:
             return self._release(now, batch, "deadline")
         if not self._waiting_pays(now, free_slots, len(batch), rows):
@@ -245,10 +257,13 @@ class CorkPolicy:
         heapq.heapify(slots)
         late: list[Pending] = []
         next_miss = math.inf
+        overhead = self._overhead.value_s
         while order:
             start, base = heapq.heappop(slots)
             batch = take_batch(order, self._max_rows)
-            done = start + self._model.predict_high(sum(e.rows for e in batch))
+            # The batch holds its lane for its predict; its jobs see the overhead on top.
+            lane_free = start + self._model.predict_high(sum(e.rows for e in batch))
+            done = lane_free + overhead
             missed = {e.entry_id for e in batch if done > e.arrived_s + self._budget_s}
             if missed:
                 # Dropping the misses lets later requests move up into this batch: replan it.
@@ -259,7 +274,7 @@ class CorkPolicy:
             for e in batch:
                 next_miss = min(next_miss, e.arrived_s + self._budget_s - (done - base))
             order = order[len(batch) :]
-            heapq.heappush(slots, (done, base))
+            heapq.heappush(slots, (lane_free, base))
         if not late:
             self._plan_cache = (free_slots, next_miss)
         return late, None if math.isinf(next_miss) else next_miss
@@ -267,7 +282,7 @@ class CorkPolicy:
     # --- reporting ------------------------------------------------------------------------------
 
     def _over_budget(self) -> bool:
-        return self._model.a_s + self._model.b_s >= self._budget_s
+        return self._model.a_s + self._model.b_s + self._overhead.value_s >= self._budget_s
 
     def _warning_text(self) -> str:
         return (
@@ -299,6 +314,7 @@ class CorkPolicy:
                 "calibrated": float(self._calibrated),
                 "identifiable": float(self._model.identifiable),
                 "overrun": self._model.overrun,
+                "overhead_s": self._overhead.value_s,
                 "batches": float(batches),
                 "mean_batch_rows": self._counts["rows"] / batches if batches else 0.0,
                 "shed_overloaded": float(self._counts["overloaded"]),

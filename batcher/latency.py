@@ -1,7 +1,8 @@
 """What the CORK policy learns about time: how long a batch takes, and how fast requests arrive.
 
 `LatencyModel` fits `duration = a·rows + b` by least squares over the most recent completed
-batches. `ArrivalRate` keeps a smoothed inter-arrival gap. Both are pure: time only comes in as
+batches' predict spans. `Overhead` tracks the rest of a batch's latency. `ArrivalRate` keeps a
+smoothed inter-arrival gap. Both are pure: time only comes in as
 arguments or through the injected clock.
 """
 
@@ -224,3 +225,28 @@ class ArrivalRate:
         """Requests per second as of `now`."""
         gap = self.mean_gap_s(now)
         return 0.0 if math.isinf(gap) else (math.inf if gap == 0 else 1.0 / gap)
+
+
+class Overhead:
+    """The fixed part of a batch's latency that is not its predict (hand-off, fetch,
+    preprocess, postprocess, final write): a robust running estimate, the median of the last
+    `window` samples, so one slow hand-off does not move it."""
+
+    def __init__(self, window: int = 31) -> None:
+        self._samples: deque[float] = deque(maxlen=window)
+        self._value_s = 0.0
+
+    @property
+    def value_s(self) -> float:
+        return self._value_s
+
+    @property
+    def samples(self) -> int:
+        return len(self._samples)
+
+    def observe(self, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        self._samples.append(seconds)
+        ordered = sorted(self._samples)
+        self._value_s = ordered[len(ordered) // 2]

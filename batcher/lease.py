@@ -1,59 +1,79 @@
-"""One active batcher per model: a Redis lease with a fencing check on every renewal.
+"""One active batcher per model: a Redis lease whose every term carries a new epoch.
 
-A standby batcher retries the lease; when the holder dies the lease expires within
-`lease_ttl_s` and the standby takes over (and, with it, the dead holder's entries).
+The lease's value is a token "holder/epoch". Renewals, and every dispatch and takeover (see
+`batcher.dispatch`), compare it inside Redis, so a batcher whose term ended (it was paused past
+the lease, or cut off from Redis) cannot change anything: its next fenced call fails and it stops
+serving that model at once. A standby retries the lease and takes over within `lease_ttl_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared import keys
+from shared import keys, scripts
 
 log = logging.getLogger(__name__)
 
-# Renew only if we still hold it; never extend someone else's lease.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+# A serve task that does not finish this long after its cancel is stuck in an uncancellable
+# call; the process exits (its supervisor restarts it) rather than leave it running.
+STOP_GRACE_S = 5.0
+EXIT_STUCK = 75
+
+
+class Fenced(Exception):
+    """A fenced call found that this batcher's term on the model is over."""
 
 
 class Lease:
+    """The lease on one model. `token` is the current term's, None while not held."""
+
     def __init__(self, redis: aioredis.Redis, model: str, holder: str, ttl_s: float) -> None:
         self.redis = redis
-        self.key = keys.lease(model)
+        self.model = model
         self.holder = holder
         self.ttl_ms = int(ttl_s * 1000)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self.token: str | None = None
+        self._acquire = redis.register_script(scripts.LEASE_ACQUIRE)
+        self._renew = redis.register_script(scripts.LEASE_RENEW)
+        self._release = redis.register_script(scripts.LEASE_RELEASE)
+
+    @property
+    def key(self) -> str:
+        return keys.lease(self.model)
 
     async def acquire(self) -> bool:
-        return bool(await self.redis.set(self.key, self.holder, nx=True, px=self.ttl_ms))
+        token = await self._acquire(keys=[self.key, keys.lease_epoch(self.model)],
+                                    args=[self.holder, self.ttl_ms])
+        self.token = str(token) if token else None
+        return self.token is not None
 
     async def renew(self) -> bool:
-        return bool(await self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]))
+        if self.token is None:
+            return False
+        held = bool(await self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
+        if not held:
+            self.token = None
+        return held
 
     async def release(self) -> None:
-        await self._release(keys=[self.key], args=[self.holder])
+        if self.token is not None:
+            await self._release(keys=[self.key], args=[self.token])
+            self.token = None
 
 
-async def serve_while_leader(lease: Lease, serve: Callable[[], Coroutine[Any, Any, None]],
-                             model: str) -> None:
-    """Forever: wait for the lease, run `serve` while renewals succeed, stop it when one fails."""
+async def serve_while_leader(lease: Lease,
+                             serve: Callable[[Lease], Coroutine[Any, Any, None]]) -> None:
+    """Forever: wait for the lease, run `serve(lease)` while renewals succeed, stop it when one
+    fails or when it ends (a fenced call raises `Fenced` inside it)."""
     period_s = lease.ttl_ms / 3000
+    model = lease.model
     while True:
         try:
             got = await lease.acquire()
@@ -63,8 +83,8 @@ async def serve_while_leader(lease: Lease, serve: Callable[[], Coroutine[Any, An
         if not got:
             await asyncio.sleep(period_s)
             continue
-        log.info("leader model=%s holder=%s", model, lease.holder)
-        task: asyncio.Task[None] = asyncio.create_task(serve(), name=f"serve:{model}")
+        log.info("leader model=%s token=%s", model, lease.token)
+        task: asyncio.Task[None] = asyncio.create_task(serve(lease), name=f"serve:{model}")
         try:
             while not task.done():
                 done, _ = await asyncio.wait({task}, timeout=period_s)
@@ -79,9 +99,18 @@ async def serve_while_leader(lease: Lease, serve: Callable[[], Coroutine[Any, An
                     break
         finally:
             task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=5)
-            if not done:  # stuck in an uncancellable read: leave it, serve a fresh one
-                log.error("batcher did not stop after cancel model=%s", model)
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.error("batcher failed model=%s error=%r", model, task.exception())
+            done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+            if not done:
+                log.error("batcher did not stop after its lease ended; exiting model=%s", model)
+                os._exit(EXIT_STUCK)
+        try:
+            await lease.release()  # a no-op unless this term still holds it
+        except (RedisError, OSError):
+            lease.token = None
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            if isinstance(error, Fenced):
+                log.warning("term over model=%s holder=%s", model, lease.holder)
+            else:
+                log.error("batcher failed model=%s error=%r", model, error)
         await asyncio.sleep(period_s)

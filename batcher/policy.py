@@ -94,7 +94,10 @@ class PolicySnapshot:
 
 class BatchingPolicy(Protocol):
     """What the batcher loop and the simulator call. Implementations must be deterministic given
-    the clock and the call sequence."""
+    the clock and the call sequence.
+
+    A slot is a lane: one predict that can run now (see `batcher.capacity`); `decide` is given
+    how many lanes can take a batch now."""
 
     def add(self, item: Pending) -> None:
         """A request arrived."""
@@ -106,11 +109,20 @@ class BatchingPolicy(Protocol):
         """What to do now. Called after every event and when a Wait's deadline passes; the caller
         keeps calling while it gets Release or Shed, so one call returns one batch."""
 
-    def on_complete(self, batch_id: str, rows: int, duration_s: float) -> None:
-        """A released batch finished; `duration_s` is dispatch to completion, batcher-side."""
+    def on_complete(self, batch_id: str, rows: int, duration_s: float,
+                    overhead_s: float | None = None) -> None:
+        """A released batch's predict is over. `duration_s` is its predict span as the worker
+        measured it (the lane it held); `overhead_s` the rest of its latency as a job sees it
+        (hand-off, fetch, preprocess, postprocess, final write), which other batches overlap."""
 
     def forget(self, batch_id: str) -> None:
         """A released batch will never report (its worker died); stop counting it in flight."""
+
+    def predict_s(self, rows: int) -> float:
+        """Expected predict span of a batch of `rows` rows: how long it holds a lane."""
+
+    def batch_cost_s(self, rows: int) -> float:
+        """Expected latency a batch of `rows` rows adds to its jobs once released."""
 
     def snapshot(self) -> PolicySnapshot:
         """The live values."""

@@ -1,7 +1,13 @@
-"""The batcher loop of one model: the I/O around a batching policy.
+"""The batcher loop of one model while it holds the model's lease: the I/O around the decisions.
 
-Events (new entries, batch completions, a worker appearing) wake the loop; otherwise it sleeps
-until the policy's next decision time. It never polls on a fixed tick.
+Each decision lives in its own pure module: when to release which batch (`batcher.cork`), which
+worker can take it (`batcher.capacity`), what to do with a dead worker's entries
+(`batcher.recovery`). This module feeds them events and carries out what they decide:
+- new stream entries (`read`), the workers' reports that a batch's predict is over (`reports`),
+  cancels (`cancels`), liveness of the workers (`liveness`) wake the decision loop (`decide`),
+  which otherwise sleeps until the next computed instant; it never polls on a fixed tick;
+- every write that could conflict with another batcher goes through `batcher.dispatch`, fenced
+  by the lease's epoch; a `Fenced` error ends this term at once.
 """
 
 from __future__ import annotations
@@ -10,23 +16,25 @@ import asyncio
 import contextlib
 import json
 import logging
-import statistics
 import time
-import uuid
-from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from celery import Celery
+from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
+from batcher.capacity import Capacity, WorkerInfo
+from batcher.dispatch import Claimed, Dispatcher
+from batcher.latency import Overhead
+from batcher.lease import Lease
 from batcher.policy import BatchingPolicy, Pending, PolicyConfig, Release, Shed
-from batcher.stats import WaitHistogram
+from batcher.recovery import Death, Recovery, fate_of
+from batcher.stats import BatcherStats
 from batcher.streams import Entry, ModelStreams, mono_from_epoch_ms, stream_items
 from shared import keys
-from shared.celeryapp import BATCH_TASK
-from shared.heartbeats import live_workers
+from shared.heartbeats import SERVING_STATES, live_workers
 from shared.modelspec import ModelSpec
 from shared.settings import Settings
 from shared.store import JobStore, Outcome
@@ -35,194 +43,292 @@ log = logging.getLogger(__name__)
 
 PolicyFactory = Callable[[PolicyConfig], BatchingPolicy]
 READ_BLOCK_MS = 1000
-REFRESH_S = 1.0
+LIVENESS_S = 0.5  # how often worker liveness is checked (deaths are found within lapse + this)
+TAKEOVER_EVERY_S = 5.0  # sweep for entries of consumers that vanished unseen
+STATE_EVERY_S = 1.0
 
 
 @dataclass
-class InFlight:
-    policy_batch_id: str | None  # None for retries, which the policy never saw
-    rows: int
-    dispatched_s: float
+class Flight:
+    """A batch this batcher dispatched whose predict has not been reported over."""
+
+    batch_id: str
+    worker: str
     entries: list[Entry]
+    dispatched_s: float
+    policy_batch: str | None  # None for a suspect group
+    how: Death = "died"  # "timeout" once its worker reported the predict ran past its limit
+
+    @property
+    def rows(self) -> int:
+        return sum(e.rows for e in self.entries)
+
+
+@dataclass
+class _Timers:
+    next_takeover_s: float = 0.0
+    next_state_s: float = 0.0
+    lost: dict[str, list[Flight]] = field(default_factory=dict)  # worker -> timed-out flights
 
 
 class ModelBatcher:
-    """Reads one model's streams and dispatches its batches while it holds the model's lease."""
+    """Reads one model's streams and dispatches its batches for one term of its lease."""
 
     def __init__(self, settings: Settings, spec: ModelSpec, redis: aioredis.Redis,
                  reader: aioredis.Redis, celery: Celery, store: JobStore,
-                 policy_factory: PolicyFactory, consumer: str) -> None:
+                 policy_factory: PolicyFactory, consumer: str, lease: Lease,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.spec = spec
         self.redis = redis
-        self.reader = reader  # its own connection: a blocking read holds it
-        self.celery = celery
+        self.reader = reader  # its own connections: blocking reads hold them
         self.store = store
         self.consumer = consumer
+        self.clock = clock
         opts = spec.options
         self.policy = policy_factory(PolicyConfig(
             max_batch_size=opts.max_batch_size, max_latency_ms=opts.max_latency_ms,
             on_overload=opts.on_overload))
         self.streams = ModelStreams(reader, spec.name, consumer)
-        self.held: dict[str, Entry] = {}
-        self.retries: list[Entry] = []
-        self.in_flight: dict[str, InFlight] = {}
-        self.slots = 0
+        # Entries a live worker stopped refreshing for this long are taken back (it refreshes
+        # them on every beat while it works on them).
+        stale_ms = int(2 * settings.heartbeat_lapse_s * 1000)
+        self.dispatcher = Dispatcher(redis, self.streams, celery, lease, stale_ms)
+        self.capacity = Capacity()
+        self.lead = Overhead()  # dispatch to predict start, as seen from here
+        self.recovery = Recovery(self.policy.batch_cost_s)
+        self.held: dict[str, Entry] = {}  # entry key -> entry, read and not dispatched
+        self.by_job: dict[str, str] = {}  # job id -> entry key, for cancels
+        self.suspects: dict[str, Entry] = {}  # entry key -> entry, waiting in recovery
+        self.flights: dict[str, Flight] = {}
+        self.stats = BatcherStats()
+        self.timers = _Timers()
         self.wake = asyncio.Event()
         self.room = asyncio.Event()  # set when the read-ahead shrinks
-        self.reasons: Counter[str] = Counter()
         self._last_report = "$"
-        self.batch_rows: Counter[int] = Counter()
-        self.handoffs_ms: deque[float] = deque(maxlen=50)
-        self.queue_wait = WaitHistogram()
-        self._next_reclaim = 0.0
-        self.completed_rows: list[tuple[float, int]] = []
-        # Above the longest a healthy batch can hold its entries: its time limit, with margin.
-        self.reclaim_idle_ms = int(1000 * max(settings.reclaim_idle_s,
-                                              opts.batch_timeout_s * 1.5))
+        self._batch_seq = 0
+
+    @property
+    def model(self) -> str:
+        return self.spec.name
 
     @property
     def lookahead_rows(self) -> int:
         return self.settings.lookahead_batches * self.spec.options.max_batch_size
 
-    def free_slots(self) -> int:
-        return max(0, self.slots - len(self.in_flight))
-
     async def run(self) -> None:
-        """Serve until cancelled. Every background task is awaited via TaskGroup, so an error in
-        any of them surfaces here instead of disappearing."""
+        """Serve until cancelled or fenced. Every loop runs in one TaskGroup, so an error in any
+        of them ends the term here instead of disappearing."""
         await self.streams.ensure_groups()
         self._accept(await self.streams.read_own_pending())
-        self._cancels = self.reader.pubsub(ignore_subscribe_messages=True)
-        await self._cancels.subscribe(keys.cancel_channel(self.spec.name))
+        await self._refresh_liveness()
+        await self._takeover()
+        cancels = self.reader.pubsub(ignore_subscribe_messages=True)
+        await cancels.subscribe(keys.cancel_channel(self.model))
         try:
             async with asyncio.TaskGroup() as tg:
-                for name, step in (("read", self._read_once), ("done", self._completions_once),
-                                   ("refresh", self._refresh_once),
+                for name, step in (("read", self._read_once), ("reports", self._reports_once),
+                                   ("liveness", self._liveness_once),
                                    ("decide", self._decide_once),
-                                   ("cancel", self._cancels_once)):
-                    tg.create_task(self._forever(name, step), name=f"{name}:{self.spec.name}")
+                                   ("cancels", lambda: self._cancels_once(cancels))):
+                    tg.create_task(self._forever(name, step), name=f"{name}:{self.model}")
         finally:
-            await self._cancels.aclose()  # type: ignore[no-untyped-call]
+            await cancels.aclose()  # type: ignore[no-untyped-call]
 
     async def _forever(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
-        """Repeat `step`, riding out Redis outages in place. Redis errors must not tear the loops
-        down: cancelling a task blocked in a redis-py read is not reliable, so a crashed sibling
-        could leave the batcher half-alive."""
+        """Repeat `step`, riding out Redis outages in place (cancelling a task blocked in a
+        redis-py read is not reliable, so a crashed sibling could leave the batcher half-alive).
+        `Fenced` is not ridden out: it ends the term."""
         failing_since: float | None = None
         backoff_s = 0.05
         while True:
             try:
                 await step()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, KombuError) as exc:
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    log.warning("redis error model=%s loop=%s error=%s", self.spec.name, name,
-                                exc)
+                    log.warning("redis error model=%s loop=%s error=%s", self.model, name, exc)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 1.0)
                 continue
             if failing_since is not None:
-                log.info("redis back model=%s loop=%s after_s=%.1f", self.spec.name, name,
+                log.info("redis back model=%s loop=%s after_s=%.1f", self.model, name,
                          time.monotonic() - failing_since)
                 failing_since, backoff_s = None, 0.05
 
-    # -- events -----------------------------------------------------------------------------
+    # -- entries in -------------------------------------------------------------------------
 
     async def _read_once(self) -> None:
         if self.policy.queue_rows >= self.lookahead_rows:
             # The backlog stays in the stream where the autoscaler and other batchers see it.
-            await self._wait_for_room()
+            self.room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.room.wait(), 1.0)
             return
         room = self.lookahead_rows - self.policy.queue_rows
         entries = await self.streams.read(count=room, block_ms=READ_BLOCK_MS)
         if entries:
             self._accept(entries)
 
-    async def _wait_for_room(self) -> None:
-        self.room.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.room.wait(), REFRESH_S)
-
     def _accept(self, entries: list[Entry]) -> None:
-        now, wall = time.monotonic(), time.time()
+        now, wall = self.clock(), time.time()
         for e in entries:
-            if e.entry_id in self.held:
+            if e.key in self.held or e.key in self.suspects:
                 continue
-            self.held[e.entry_id] = e
-            self.policy.add(Pending(
-                entry_id=e.entry_id, job_id=e.job_id, rows=e.rows, priority=e.priority,
-                arrived_s=mono_from_epoch_ms(e.submitted_ms, now, wall),
-                expires_s=mono_from_epoch_ms(e.expires_ms, now, wall) if e.expires_ms else None))
+            self.held[e.key] = e
+            self.by_job[e.job_id] = e.key
+            self.policy.add(self._pending(e, now, wall))
         self.wake.set()
 
-    async def _completions_once(self) -> None:
-        stream = keys.completions(self.spec.name)
+    def _pending(self, e: Entry, now: float, wall: float) -> Pending:
+        return Pending(
+            entry_id=e.key, job_id=e.job_id, rows=e.rows, priority=e.priority,
+            arrived_s=mono_from_epoch_ms(e.submitted_ms, now, wall),
+            expires_s=mono_from_epoch_ms(e.expires_ms, now, wall) if e.expires_ms else None)
+
+    async def _cancels_once(self, cancels: aioredis.client.PubSub) -> None:
+        """Drop canceled jobs from the read-ahead: they must never reach a batch."""
+        msg = await cancels.get_message(timeout=READ_BLOCK_MS / 1000)
+        if msg and msg.get("type") == "message":
+            key = self.by_job.pop(str(msg["data"]), None)
+            if key is not None and self.held.pop(key, None) is not None:
+                self.policy.remove([key])
+                self.wake.set()
+            if key is not None and self.suspects.pop(key, None) is not None:
+                self.recovery.discard([key])
+
+    # -- reports from workers ---------------------------------------------------------------
+
+    async def _reports_once(self) -> None:
+        stream = keys.completions(self.model)
         reply = await self.reader.xread({stream: self._last_report}, block=READ_BLOCK_MS,
                                         count=100)
         for _, entries in stream_items(reply):
             for entry_id, fields in entries:
                 self._last_report = entry_id
-                self._complete(fields.get("batch", ""), int(fields.get("rows", 0)))
-                if fields.get("handoff_ms"):
-                    self.handoffs_ms.append(float(fields["handoff_ms"]))
+                self._on_report(fields)
 
-    async def _cancels_once(self) -> None:
-        """Drop canceled entries from the read-ahead: they must never reach a batch."""
-        msg = await self._cancels.get_message(timeout=READ_BLOCK_MS / 1000)
-        if msg and msg.get("type") == "message":
-            entry_id = str(msg["data"])
-            if self.held.pop(entry_id, None) is not None:
-                self.policy.remove([entry_id])
-                self.wake.set()
-
-    def _complete(self, batch_id: str, rows: int) -> None:
-        flight = self.in_flight.pop(batch_id, None)
+    def _on_report(self, fields: dict[str, str]) -> None:
+        """A worker says a batch's predict is over (or failed, or timed out): its lane is free.
+        The batch's latency feeds the fit: the predict span the worker measured, plus the fixed
+        overhead seen from here (everything from dispatch but the predict and its queueing)."""
+        batch_id, worker = fields.get("batch", ""), fields.get("worker", "")
+        self.capacity.reported(worker, batch_id)
+        flight = self.flights.pop(batch_id, None)
+        self.wake.set()
         if flight is None:
-            return  # another batcher's batch, or one already forgotten
-        now = time.monotonic()
-        if flight.policy_batch_id is not None:
-            self.policy.on_complete(flight.policy_batch_id, flight.rows, now - flight.dispatched_s)
-        self.completed_rows.append((now, flight.rows))
+            return  # a batch of another term
+        now = self.clock()
+        outcome = fields.get("outcome", "ok")
+        if outcome == "timeout":
+            # The worker exits; its entries come back through its death, split at once.
+            flight.how = "timeout"
+            self.timers.lost.setdefault(worker, []).append(flight)
+            return
+        self.recovery.done(batch_id)
+        predict_s = float(fields.get("predict_ms", 0)) / 1000
+        queued_s = float(fields.get("lane_wait_ms", 0)) / 1000
+        tail_s = float(fields.get("tail_ms", 0)) / 1000
+        lead_s = max(0.0, now - flight.dispatched_s - predict_s - queued_s)
+        if outcome == "ok" and predict_s > 0:
+            self.lead.observe(lead_s)
+            self.capacity.lead_s = self.lead.value_s
+        overhead_s = lead_s + tail_s
+        if flight.policy_batch is not None:
+            if outcome == "ok" and predict_s > 0:
+                self.policy.on_complete(flight.policy_batch, flight.rows, predict_s, overhead_s)
+            else:
+                self.policy.forget(flight.policy_batch)
+        handoff = fields.get("handoff_ms")
+        self.stats.done(now, flight.rows, float(handoff) if handoff else None)
+
+    # -- liveness and recovery ----------------------------------------------------------------
+
+    async def _liveness_once(self) -> None:
+        await self._refresh_liveness()
+        now = self.clock()
+        if now >= self.timers.next_takeover_s:
+            await self._takeover()
+        if now >= self.timers.next_state_s:
+            await self._publish_state(now)
+            self.timers.next_state_s = now + STATE_EVERY_S
+        await asyncio.sleep(LIVENESS_S)
+
+    async def _refresh_liveness(self) -> None:
+        records = await live_workers(self.redis, self.model)
+        infos = [WorkerInfo(str(r["name"]), int(r.get("lanes", r.get("slots", 1))),
+                            r.get("state") in SERVING_STATES, tuple(r.get("batches") or ()))
+                 for r in records]
+        before = self.capacity.lanes
+        gone = self.capacity.sync(infos, self.clock())
+        if self.capacity.lanes != before:
+            log.info("capacity model=%s lanes=%d workers=%d", self.model, self.capacity.lanes,
+                     self.capacity.workers)
+            self.wake.set()
+        gone.update({w: [] for w in self.timers.lost if w not in self.capacity})
+        if gone:
+            for worker in gone:
+                log.warning("worker dead model=%s worker=%s batches=%d", self.model, worker,
+                            len(gone[worker]))
+            self.stats.deaths += len(gone)
+            await self._takeover(dead=set(gone))
+
+    async def _takeover(self, dead: set[str] | None = None) -> None:
+        """Claim what nobody alive holds, and sort it: back to the queue, suspects, or done."""
+        self.timers.next_takeover_s = self.clock() + TAKEOVER_EVERY_S
+        claimed = await self.dispatcher.takeover()
+        dead = set(dead or ()) | {c.worker_id for c in claimed if c.worker_id}
+        flights = [f for f in self.flights.values() if f.worker in dead]
+        for worker in dead:
+            flights += self.timers.lost.pop(worker, [])
+        for f in flights:
+            self.flights.pop(f.batch_id, None)
+            if f.policy_batch is not None:
+                self.policy.forget(f.policy_batch)
+        if claimed:
+            await self._sort_claimed(claimed, flights)
+        else:
+            for f in flights:
+                self.recovery.done(f.batch_id)  # nothing of theirs was left to run
+        for worker in dead:
+            await self.dispatcher.forget_worker(worker)
         self.wake.set()
 
-    async def _refresh_once(self) -> None:
-        """Capacity from heartbeats, recovery of lost entries, and the published live values."""
-        workers = await live_workers(self.redis, self.spec.name)
-        slots = sum(int(w["slots"]) for w in workers if w["state"] in ("ready", "busy"))
-        if slots != self.slots:
-            log.info("capacity model=%s slots=%d workers=%d", self.spec.name, slots,
-                     len(workers))
-            self.slots = slots
-            self.wake.set()
-        now = time.monotonic()
-        self._forget_lost(now)
-        if now >= self._next_reclaim:
-            await self._recover()
-            self._next_reclaim = now + max(1.0, self.reclaim_idle_ms / 4000)
-        await self._publish_state(now, len(workers))
-        await asyncio.sleep(REFRESH_S)
-
-    def _forget_lost(self, now: float) -> None:
-        limit = self.reclaim_idle_ms / 1000
-        for batch_id, flight in list(self.in_flight.items()):
-            if now - flight.dispatched_s > limit:
-                # No report will come (its worker died); its entries come back via reclaim.
-                del self.in_flight[batch_id]
-                if flight.policy_batch_id is not None:
-                    self.policy.forget(flight.policy_batch_id)
-                log.warning("batch lost model=%s batch=%s", self.spec.name, batch_id)
-
-    async def _recover(self) -> None:
-        found = await self.streams.take_over_held({self.consumer})
-        stale = await self.streams.reclaim_stale(self.reclaim_idle_ms)
-        fresh = [e for e in stale if e.entry_id not in self.held]
-        if found:
-            self._accept(found)
-        if fresh:
-            log.warning("reclaimed model=%s count=%d", self.spec.name, len(fresh))
-            self.retries.extend(fresh)
-            self.wake.set()
+    async def _sort_claimed(self, claimed: list[Claimed], flights: list[Flight]) -> None:
+        statuses = await self.store.statuses([c.entry.job_id for c in claimed])
+        requeue: list[Entry] = []
+        drop: list[Entry] = []
+        running: dict[str, Entry] = {}
+        for c, status in zip(claimed, statuses, strict=True):
+            fate = fate_of(status)
+            if fate == "requeue":
+                requeue.append(c.entry)
+            elif fate == "drop":
+                drop.append(c.entry)
+            else:
+                running[c.entry.key] = c.entry
+        if drop:
+            await self.streams.drop(drop)
+        self.recovery.discard(e.key for e in drop + requeue)
+        for f in flights:
+            keys_of = [e.key for e in f.entries if e.key in running]
+            if f.policy_batch is None and self.recovery.died(f.batch_id) is not None:
+                self.recovery.discard(k for k in (e.key for e in f.entries) if k not in running)
+            else:
+                self.recovery.done(f.batch_id)
+                self.recovery.add(keys_of, f.how)
+            for k in keys_of:
+                self.suspects[k] = running.pop(k)
+        if running:  # held by a worker this term never dispatched to
+            self.recovery.add(list(running), "died")
+            self.suspects.update(running)
+        for e in self.suspects.values():
+            self.by_job[e.job_id] = e.key
+        self.stats.requeued += len(requeue)
+        if requeue:
+            self._accept(requeue)
+        log.info("recovered model=%s requeued=%d suspects=%d done=%d", self.model,
+                 len(requeue), len(self.recovery), len(drop))
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -236,54 +342,82 @@ class ModelBatcher:
     async def _step(self) -> float | None:
         """Act on every decision due now; returns how long to sleep (None: until an event)."""
         while True:
-            if self.retries or self._suspect_in_flight():
-                # Entries that were in flight when something died run one at a time with nothing
-                # else in flight: if one of them is what kills workers, it takes down no batch
-                # mates, and the jobs it shares a worker with are not charged an attempt.
-                if self.retries and not self.in_flight and self.free_slots():
-                    await self._dispatch([self.retries.pop(0)], "retry")
-                    continue
-                return None
-            decision = self.policy.decide(self.free_slots())
+            now = self.clock()
+            group = self.recovery.next_group()
+            worker = self.capacity.pick(now)
+            if group is not None and worker is not None:
+                entries = [self.suspects[k] for k in group.keys if k in self.suspects]
+                batch_id = self._new_batch_id("suspects")
+                self.recovery.dispatched(group, batch_id)
+                self.stats.suspects_run += 1
+                await self._dispatch(worker, batch_id, entries, "suspects", None, group.solo)
+                continue
+            decision = self.policy.decide(self.capacity.free_lanes(now))
             if isinstance(decision, Release):
+                worker = self.capacity.pick(now)
                 entries = [self.held.pop(p.entry_id) for p in decision.entries
                            if p.entry_id in self.held]
-                if entries:
-                    await self._dispatch(entries, decision.reason, decision.batch_id)
+                if worker is None or not entries:  # the policy and capacity disagree: no lane
+                    self._restore(entries, decision.batch_id)
+                    return self.capacity.next_change_s(now)
+                await self._dispatch(worker, self._new_batch_id(decision.batch_id), entries,
+                                     decision.reason, decision.batch_id)
                 continue
             if isinstance(decision, Shed):
                 await self._shed(decision)
                 continue
-            if decision.until_s is None:
-                return None
-            return max(0.0, decision.until_s - time.monotonic())
+            until = _earliest(decision.until_s, self.capacity.next_change_s(now))
+            return None if until is None else max(0.0, until - now)
 
-    def _suspect_in_flight(self) -> bool:
-        return any(f.policy_batch_id is None for f in self.in_flight.values())
+    def _new_batch_id(self, name: str) -> str:
+        self._batch_seq += 1
+        return f"{self.consumer}:{name}:{self._batch_seq}"
 
-    async def _dispatch(self, entries: list[Entry], reason: str,
-                        policy_batch_id: str | None = None) -> None:
-        batch_id = f"{self.consumer}:{policy_batch_id or 'retry-' + uuid.uuid4().hex[:8]}"
-        await self.streams.hand_over(entries)
-        self.in_flight[batch_id] = InFlight(policy_batch_id, sum(e.rows for e in entries),
-                                            time.monotonic(), entries)
-        # Sub-millisecond: the worker measures the Celery hand-off from it (a few ms).
-        args = [self.spec.name, batch_id, [e.job_id for e in entries],
-                round(time.time() * 1000, 3)]
-        await asyncio.wait_for(asyncio.to_thread(
-            self.celery.send_task, BATCH_TASK, args=args,
-            queue=keys.celery_queue(self.spec.name)), timeout=10)
-        self.reasons[reason] += 1
-        self.batch_rows[sum(e.rows for e in entries)] += 1
-        wall = time.time()
+    async def _dispatch(self, worker: str, batch_id: str, entries: list[Entry], reason: str,
+                        policy_batch: str | None, solo: bool = False) -> None:
+        now = self.clock()
+        rows = sum(e.rows for e in entries)
+        try:
+            held = await self.dispatcher.send(worker, batch_id, entries, solo=solo)
+        except (RedisError, OSError):
+            # Not handed over (or not known to be): the entries wait again; a copy that did
+            # reach the worker is refused by its START once they are dispatched elsewhere.
+            self._restore(entries, policy_batch)
+            if policy_batch is None:
+                self.recovery.undispatched(batch_id)
+            raise
+        sent = [e for e in entries if e.key in held]
         for e in entries:
-            self.queue_wait.observe(wall - e.submitted_ms / 1000)
+            if e.key not in held:  # canceled meanwhile
+                self.by_job.pop(e.job_id, None)
+                self.suspects.pop(e.key, None)
+        if not sent:
+            if policy_batch is not None:
+                self.policy.forget(policy_batch)
+            else:
+                self.recovery.done(batch_id)
+            return
+        for e in sent:
+            self.by_job.pop(e.job_id, None)
+            self.suspects.pop(e.key, None)
+        self.flights[batch_id] = Flight(batch_id, worker, sent, now, policy_batch)
+        self.capacity.dispatched(worker, batch_id, now, self.policy.predict_s(rows))
+        wall = time.time()
+        self.stats.dispatched(reason, sum(e.rows for e in sent),
+                              [wall - e.submitted_ms / 1000 for e in sent])
         self.room.set()
+
+    def _restore(self, entries: list[Entry], policy_batch: str | None) -> None:
+        if policy_batch is not None:
+            self.policy.forget(policy_batch)
+            self._accept(entries)
 
     async def _shed(self, decision: Shed) -> None:
         entries = [self.held.pop(p.entry_id) for p in decision.entries if p.entry_id in self.held]
         if not entries:
             return
+        for e in entries:
+            self.by_job.pop(e.job_id, None)
         expired = decision.reason == "expired"
         status = "expired" if expired else "failed"
         err = ({"type": "expired", "message": "the job waited longer than its ttl_s"} if expired
@@ -291,23 +425,27 @@ class ModelBatcher:
                      f"max_latency_ms={self.spec.options.max_latency_ms}"})
         await self.store.finish([Outcome(e.job_id, status, error=err) for e in entries])
         await self.streams.drop(entries)
-        self.reasons[decision.reason] += len(entries)
+        self.stats.reasons[decision.reason] += len(entries)
 
-    async def _publish_state(self, now: float, workers: int) -> None:
-        self.completed_rows = [(t, n) for t, n in self.completed_rows if now - t <= 30]
-        span = min(30.0, max(1.0, now - self.completed_rows[0][0])) if self.completed_rows else 30
+    # -- published state ----------------------------------------------------------------------
+
+    async def _publish_state(self, now: float) -> None:
         snap = self.policy.snapshot()
         state = {
-            "a_s": snap.a_s, "b_s": snap.b_s, "avg_wait_ms": snap.avg_wait_ms,
-            "in_flight": len(self.in_flight), "queue_rows": snap.queue_rows,
-            "held": len(self.held), "retries": len(self.retries), "slots": self.slots,
-            "free_slots": self.free_slots(), "workers": workers, "warning": snap.warning,
-            "drain_rows_per_s": sum(n for _, n in self.completed_rows) / span,
-            "dispatch_reasons": dict(self.reasons), "batcher": self.consumer,
-            "batch_rows": dict(self.batch_rows), "queue_wait": self.queue_wait.as_dict(),
-            # Median over the last batches of the Celery hand-off (send to the task's start).
-            "handoff_ms_p50": statistics.median(self.handoffs_ms) if self.handoffs_ms else None,
+            "a_s": snap.a_s, "b_s": snap.b_s, "overhead_s": snap.extra.get("overhead_s"),
+            "avg_wait_ms": snap.avg_wait_ms, "in_flight": len(self.flights),
+            "queue_rows": snap.queue_rows, "held": len(self.held),
+            "suspects": len(self.recovery), "lanes": self.capacity.lanes,
+            "slots": self.capacity.lanes, "free_lanes": self.capacity.free_lanes(now),
+            "lead_ms": 1000 * self.lead.value_s,
+            "workers": self.capacity.workers, "warning": snap.warning,
+            "batcher": self.consumer, "policy": snap.extra, **self.stats.as_dict(now),
         }
-        await self.redis.set(keys.batcher_state(self.spec.name), json.dumps(state),
+        await self.redis.set(keys.batcher_state(self.model), json.dumps(state),
                              ex=keys.BATCHER_STATE_TTL_S)
 
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)

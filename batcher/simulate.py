@@ -1,8 +1,12 @@
 """Discrete-event simulator: replay an arrival trace against a batching policy and k workers.
 
-The policy is driven only through the `BatchingPolicy` protocol, on a simulated clock; a batch of
-n rows occupies one worker slot for `a·n + b` seconds (times an optional random factor). Same
-seed, same result. Run `python -m batcher.simulate --help`.
+It models what the live batcher does: the policy is driven only through the `BatchingPolicy`
+protocol on a simulated clock, and the lanes it is offered come from the same
+`batcher.capacity.Capacity` the batcher uses. A dispatched batch reaches its worker `lead_s`
+later (hand-off, fetch, preprocess), waits there for a lane if the one before it has not
+finished, holds the lane for its predict, `a·n + b` seconds (times an optional random factor),
+reports its lane free at the predict's end, and its jobs finish `tail_s` after that
+(postprocess, final write). Same seed, same result. Run `python -m batcher.simulate --help`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from batcher.baselines import FixedWindow, NoBatching, ReferenceCork
+from batcher.capacity import Capacity, WorkerInfo
 from batcher.cork import CorkPolicy
 from batcher.policy import BatchingPolicy, Clock, Pending, PolicyConfig, Priority, Release, Shed
 
@@ -87,11 +92,15 @@ def make_trace(
 
 @dataclass(frozen=True)
 class CostModel:
-    """Batch duration `a·rows + b` seconds, times a log-normal factor of relative spread `noise`."""
+    """Predict duration `a·rows + b` seconds, times a log-normal factor of relative spread
+    `noise`; `lead_s` from dispatch to the worker being ready to predict, `tail_s` from the
+    predict's end to the jobs being final."""
 
     a_s: float
     b_s: float
     noise: float = 0.0
+    lead_s: float = 0.0
+    tail_s: float = 0.0
 
     def duration(self, rows: int, rng: random.Random) -> float:
         base = self.a_s * rows + self.b_s
@@ -136,17 +145,24 @@ def simulate(
     config: PolicyConfig,
     slots: int,
     seed: int = 0,
+    *,
+    lanes: int = 1,
 ) -> SimResult:
-    """Run the trace until every request completed, was shed or expired, and measure it."""
+    """Run the trace on `slots` workers of `lanes` lanes each until every request completed,
+    was shed or expired, and measure it."""
     rng = random.Random(seed)
     clock = _Clock()
-    policy = factory(config, clock, slots)
+    policy = factory(config, clock, slots * lanes)
+    capacity = Capacity(cost.lead_s)
+    workers = [f"w{i}" for i in range(slots)]
+    capacity.sync([WorkerInfo(w, lanes, True) for w in workers], 0.0)
+    lane_free_at = {w: [0.0] * lanes for w in workers}
     finish_at: dict[str, float] = {}
     dropped: dict[str, str] = {}
-    # Completions (finish time, seq, batch id, dispatch time); at equal times a completion is
-    # handled before an arrival, so the arrival already sees the freed slot.
-    running: list[tuple[float, int, Release, float]] = []
-    free, calls, batches, rows_out, index, stalled = slots, 0, 0, 0, 0, 0
+    # Reports (predict end, seq, worker, release, dispatch time, lane wait); at equal times a
+    # report is handled before an arrival, so the arrival already sees the freed lane.
+    running: list[tuple[float, int, str, Release, float, float]] = []
+    calls, batches, rows_out, index, stalled = 0, 0, 0, 0, 0
     wake: float | None = None
     while True:
         t_arrival = arrivals[index].t_s if index < len(arrivals) else math.inf
@@ -159,9 +175,10 @@ def simulate(
             raise SimulationError(f"no progress at t={clock.now:.6f}")
         clock.now = max(clock.now, now)
         if t_done == now:
-            _, _, done, dispatched = heapq.heappop(running)
-            free += 1
-            policy.on_complete(done.batch_id, done.rows, clock.now - dispatched)
+            end, _, worker, done, dispatched, waited = heapq.heappop(running)
+            capacity.reported(worker, done.batch_id)
+            predict = end - dispatched - cost.lead_s - waited
+            policy.on_complete(done.batch_id, done.rows, predict, cost.lead_s + cost.tail_s)
         elif t_arrival == now:
             arr = arrivals[index]
             expires = None if arr.ttl_s is None else arr.t_s + arr.ttl_s
@@ -171,25 +188,40 @@ def simulate(
         else:
             wake = None
         while True:  # the protocol: keep deciding while the policy releases or sheds
-            decision = policy.decide(free)
+            decision = policy.decide(capacity.free_lanes(clock.now))
             calls += 1
             if isinstance(decision, Release):
-                if free <= 0:
-                    raise SimulationError(f"release with no free slot at t={clock.now:.6f}")
-                free, batches, rows_out = free - 1, batches + 1, rows_out + decision.rows
-                finish = clock.now + cost.duration(decision.rows, rng)
+                chosen = capacity.pick(clock.now)
+                if chosen is None:
+                    raise SimulationError(f"release with no free lane at t={clock.now:.6f}")
+                batches, rows_out = batches + 1, rows_out + decision.rows
+                capacity.dispatched(chosen, decision.batch_id, clock.now,
+                                    policy.predict_s(decision.rows))
+                lanes_of = lane_free_at[chosen]
+                lane = min(range(lanes), key=lanes_of.__getitem__)
+                ready = clock.now + cost.lead_s
+                start = max(ready, lanes_of[lane])
+                end = start + cost.duration(decision.rows, rng)
+                lanes_of[lane] = end
                 for e in decision.entries:
-                    finish_at[e.entry_id] = finish
-                heapq.heappush(running, (finish, batches, decision, clock.now))
+                    finish_at[e.entry_id] = end + cost.tail_s
+                heapq.heappush(running, (end, batches, chosen, decision, clock.now,
+                                         start - ready))
             elif isinstance(decision, Shed):
                 for e in decision.entries:
                     dropped[e.entry_id] = decision.reason
             else:
-                wake = decision.until_s
+                wake = _earliest(decision.until_s, capacity.next_change_s(clock.now))
                 break
     if policy.queue_rows:
         raise SimulationError(f"{policy.queue_rows} rows left queued with nothing to wake them")
     return _measure(arrivals, config, finish_at, dropped, calls, batches, rows_out)
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 def _measure(
@@ -244,7 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--a-ms", type=float, default=2.0, help="per-row cost")
     p.add_argument("--b-ms", type=float, default=20.0, help="fixed cost per batch")
     p.add_argument("--noise", type=float, default=0.0, help="relative spread of durations")
-    p.add_argument("--slots", type=int, default=2, help="worker slots")
+    p.add_argument("--slots", type=int, default=2, help="workers")
+    p.add_argument("--lanes", type=int, default=1, help="predicts at once per worker")
+    p.add_argument("--lead-ms", type=float, default=0.0, help="dispatch to predict start")
+    p.add_argument("--tail-ms", type=float, default=0.0, help="predict end to jobs final")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-latency-ms", type=float, default=250.0)
     p.add_argument("--on-overload", choices=("queue", "shed"), default="shed")
@@ -252,10 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     config = PolicyConfig(args.max_batch_size, args.max_latency_ms, args.on_overload)
-    cost = CostModel(args.a_ms / 1000.0, args.b_ms / 1000.0, args.noise)
-    rate = args.load * cost.capacity_rps(args.max_batch_size, args.slots)
+    cost = CostModel(args.a_ms / 1000.0, args.b_ms / 1000.0, args.noise, args.lead_ms / 1000.0,
+                     args.tail_ms / 1000.0)
+    rate = args.load * cost.capacity_rps(args.max_batch_size, args.slots * args.lanes)
     trace = make_trace(args.trace, rate, args.seconds, args.seed, burst_size=args.burst_size)
-    result = simulate(POLICIES[args.policy], trace, cost, config, args.slots, args.seed)
+    result = simulate(POLICIES[args.policy], trace, cost, config, args.slots, args.seed,
+                      lanes=args.lanes)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:

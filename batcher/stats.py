@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -24,3 +26,47 @@ class WaitHistogram:
     def as_dict(self) -> dict[str, object]:
         return {"buckets_s": list(QUEUE_WAIT_BUCKETS_S), "counts": self.counts,
                 "sum_s": self.total_s}
+
+
+@dataclass
+class BatcherStats:
+    """Counters of one model's batcher, published in its state every refresh."""
+
+    reasons: Counter[str] = field(default_factory=Counter)
+    batch_rows: Counter[int] = field(default_factory=Counter)
+    handoffs_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    queue_wait: WaitHistogram = field(default_factory=WaitHistogram)
+    completed: deque[tuple[float, int]] = field(default_factory=deque)
+    deaths: int = 0
+    requeued: int = 0
+    suspects_run: int = 0
+
+    def dispatched(self, reason: str, rows: int, waits_s: list[float]) -> None:
+        self.reasons[reason] += 1
+        self.batch_rows[rows] += 1
+        for w in waits_s:
+            self.queue_wait.observe(w)
+
+    def done(self, now: float, rows: int, handoff_ms: float | None) -> None:
+        self.completed.append((now, rows))
+        if handoff_ms is not None:
+            self.handoffs_ms.append(handoff_ms)
+
+    def drain_rows_per_s(self, now: float, window_s: float = 30.0) -> float:
+        while self.completed and now - self.completed[0][0] > window_s:
+            self.completed.popleft()
+        if not self.completed:
+            return 0.0
+        span = min(window_s, max(1.0, now - self.completed[0][0]))
+        return sum(n for _, n in self.completed) / span
+
+    def as_dict(self, now: float) -> dict[str, object]:
+        return {
+            "dispatch_reasons": dict(self.reasons), "batch_rows": dict(self.batch_rows),
+            "queue_wait": self.queue_wait.as_dict(),
+            "drain_rows_per_s": self.drain_rows_per_s(now),
+            # Median over the last batches of the hand-off (dispatch to the task's start).
+            "handoff_ms_p50": statistics.median(self.handoffs_ms) if self.handoffs_ms else None,
+            "worker_deaths": self.deaths, "requeued": self.requeued,
+            "suspect_batches": self.suspects_run,
+        }

@@ -1,19 +1,18 @@
-"""The batcher's Redis stream I/O for one model: read, hand over to workers, reclaim.
+"""The batcher's reads of a model's request streams, and the entries it finishes itself.
 
-Ownership of an entry in the consumer group tells where its job is:
-- pending on a batcher consumer: read and held in that batcher's memory, not yet dispatched;
-- pending on the INFLIGHT consumer: dispatched to a worker (claimed there at dispatch, which also
-  resets its idle time, so idle time measures time since dispatch);
-- gone: its job reached a final state (the worker acks and deletes it).
-So a new leader takes every entry held by another batcher at once, and entries in flight only
-when they have been idle longer than any healthy batch could run.
+Where an entry is pending in the consumer group tells where its job is:
+- on a batcher consumer: read, held in that batcher's memory, not yet dispatched;
+- on a worker's consumer (`keys.worker_consumer`): dispatched to that worker (see
+  `batcher.dispatch`, which moves it there and pushes the worker's task in one step);
+- gone: its job reached a final state (the worker, a cancel or the batcher acked and deleted it).
+Entry ids repeat across a model's priority streams (two XADDs in one millisecond), so an entry is
+known by its stream and id together (`Entry.key`) everywhere.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -23,7 +22,6 @@ from shared import keys
 
 log = logging.getLogger(__name__)
 
-INFLIGHT = keys.INFLIGHT_CONSUMER
 PRIORITY_ORDER: tuple[Priority, ...] = keys.PRIORITIES
 
 
@@ -39,8 +37,19 @@ class Entry:
     submitted_ms: int
     expires_ms: int | None
 
+    @property
+    def key(self) -> str:
+        """Unique across the model's streams."""
+        return entry_key(self.stream, self.entry_id)
 
-def _entry(stream: str, priority: Priority, entry_id: str, fields: dict[str, str]) -> Entry | None:
+
+def entry_key(stream: str, entry_id: str) -> str:
+    return f"{stream}/{entry_id}"
+
+
+def make_entry(stream: str, priority: Priority, entry_id: str,
+               fields: dict[str, str] | None) -> Entry | None:
+    """The entry from its stream fields; None for an entry deleted after delivery."""
     if not fields or "job" not in fields:  # deleted after delivery (job finished or canceled)
         return None
     exp = fields.get("exp")
@@ -56,6 +65,7 @@ class ModelStreams:
         self.model = model
         self.consumer = consumer
         self.streams = {keys.stream(model, p): p for p in PRIORITY_ORDER}
+        self.names = list(self.streams)
 
     async def ensure_groups(self) -> None:
         for stream in self.streams:
@@ -73,7 +83,7 @@ class ModelStreams:
         out: list[Entry] = []
         for stream, entries in stream_items(reply):
             for entry_id, fields in entries:
-                e = _entry(stream, self.streams[stream], entry_id, fields)
+                e = make_entry(stream, self.streams[stream], entry_id, fields)
                 if e is not None:
                     out.append(e)
         return out
@@ -83,17 +93,7 @@ class ModelStreams:
         reply = await self.redis.xreadgroup(
             keys.BATCHER_GROUP, self.consumer, dict.fromkeys(self.streams, "0"), count=10_000)
         return [e for stream, entries in stream_items(reply) for entry_id, fields in entries
-                if (e := _entry(stream, self.streams[stream], entry_id, fields)) is not None]
-
-    async def hand_over(self, entries: list[Entry]) -> None:
-        """Move dispatched entries to the in-flight consumer (one round trip)."""
-        pipe = self.redis.pipeline(transaction=False)
-        by_stream: dict[str, list[Any]] = {}
-        for e in entries:
-            by_stream.setdefault(e.stream, []).append(e.entry_id)
-        for stream, ids in by_stream.items():
-            pipe.xclaim(stream, keys.BATCHER_GROUP, INFLIGHT, 0, ids, justid=True)
-        await pipe.execute()
+                if (e := make_entry(stream, self.streams[stream], entry_id, fields)) is not None]
 
     async def drop(self, entries: list[Entry]) -> None:
         """Ack and delete entries whose jobs were finished by the batcher (shed, expired)."""
@@ -102,41 +102,6 @@ class ModelStreams:
             pipe.xack(e.stream, keys.BATCHER_GROUP, e.entry_id)
             pipe.xdel(e.stream, e.entry_id)
         await pipe.execute()
-
-    async def take_over_held(self, live_consumers: set[str]) -> list[Entry]:
-        """Claim entries held (read, not dispatched) by batcher consumers that are gone."""
-        out: list[Entry] = []
-        for stream, priority in self.streams.items():
-            for info in await self.redis.xinfo_consumers(stream, keys.BATCHER_GROUP):
-                name = info["name"]
-                if name in live_consumers or name in (INFLIGHT, self.consumer):
-                    continue
-                if int(info.get("pending", 0)):
-                    pending = await self.redis.xpending_range(
-                        stream, keys.BATCHER_GROUP, "-", "+", 10_000, consumername=name)
-                    ids: list[Any] = [p["message_id"] for p in pending]
-                    claimed: Any = await self.redis.xclaim(
-                        stream, keys.BATCHER_GROUP, self.consumer, 0, ids)
-                    out += [e for i, f in claimed
-                            if (e := _entry(stream, priority, i, f)) is not None]
-                await self.redis.xgroup_delconsumer(stream, keys.BATCHER_GROUP, name)
-                log.info("took over entries model=%s from=%s count=%d", self.model, name,
-                         len(out))
-        return out
-
-    async def reclaim_stale(self, min_idle_ms: int) -> list[Entry]:
-        """Claim entries idle past `min_idle_ms`: their worker or batcher died mid-flight."""
-        out: list[Entry] = []
-        for stream, priority in self.streams.items():
-            cursor = "0-0"
-            while True:
-                reply = await self.redis.xautoclaim(stream, keys.BATCHER_GROUP, self.consumer,
-                                                    min_idle_ms, cursor, count=100)
-                cursor, claimed = reply[0], reply[1]
-                out += [e for i, f in claimed if (e := _entry(stream, priority, i, f)) is not None]
-                if cursor in ("0-0", b"0-0"):
-                    break
-        return out
 
 
 def stream_items(reply: object) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:

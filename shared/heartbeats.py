@@ -1,7 +1,11 @@
 """Worker heartbeats in Redis: what the batcher counts as capacity and the autoscaler as replicas.
 
-Each worker owns one field of the model's `workers` hash; the value carries its own expiry time,
-so readers skip (and prune) the fields of workers that died without saying goodbye.
+Each worker owns one field of the model's `workers` hash (its record, for display and scaling)
+and one liveness key (`keys.alive`) that expires `heartbeat_lapse_s` after its last beat. The key
+decides life and death, on the Redis server's clock, so hosts with skewed clocks agree; records
+whose key is gone are pruned. Once the worker serves, its beats come from the Celery consumer's
+own event loop (see `workers.liveness`): a worker whose consumer hangs stops beating and is dead
+to the batcher, which then runs its batches elsewhere.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ class Heartbeat:
     model: str
     index: int
     device: str
-    slots: int
+    lanes: int  # predicts that run at once (predict_concurrency)
     state: State = "starting"
-    busy: int = 0
+    busy: int = 0  # batches it holds
+    batches: list[str] = field(default_factory=list)  # those whose predict is not over
     pid: int = 0
     host: str = ""
     cores: list[int] = field(default_factory=list)
@@ -42,17 +47,21 @@ class Heartbeat:
 
 
 async def live_workers(redis: aioredis.Redis, model: str) -> list[dict[str, Any]]:
-    """Heartbeats of the model's workers that are alive now; prunes the expired ones."""
+    """Records of the model's workers that are alive now; prunes those of dead ones."""
     raw = await redis.hgetall(keys.workers(model))
-    now = time.time() * 1000
+    if not raw:
+        return []
+    names = [str(n) for n in raw]
+    flags = await redis.mget([keys.alive(model, n) for n in names])
+    now_ms = time.time() * 1000
     alive: list[dict[str, Any]] = []
     dead: list[str] = []
-    for name, value in raw.items():
-        hb = json.loads(value)
-        if hb.get("expires_ms", 0) > now:
+    for name, flag in zip(names, flags, strict=True):
+        hb = json.loads(raw[name])
+        if flag is not None:
             alive.append(hb)
-        else:
-            dead.append(str(name))
+        elif hb.get("expires_ms", 0) < now_ms:
+            dead.append(name)
     if dead:
         await redis.hdel(keys.workers(model), *dead)
     return alive
@@ -61,10 +70,12 @@ async def live_workers(redis: aioredis.Redis, model: str) -> list[dict[str, Any]
 class HeartbeatPublisher:
     """Publishes this worker's heartbeat every interval until stopped."""
 
-    def __init__(self, redis: aioredis.Redis, hb: Heartbeat, interval_s: float) -> None:
+    def __init__(self, redis: aioredis.Redis, hb: Heartbeat, interval_s: float,
+                 lapse_s: float) -> None:
         self.redis = redis
         self.hb = hb
         self.interval_s = interval_s
+        self.lapse_ms = max(1, int(lapse_s * 1000))
         self.hb.pid = os.getpid()
         self.hb.host = socket.gethostname()
         if not self.hb.cores and hasattr(os, "sched_getaffinity"):
@@ -72,12 +83,15 @@ class HeartbeatPublisher:
             self.hb.cores = sorted(os.sched_getaffinity(0))
 
     async def publish(self) -> None:
-        self.hb.expires_ms = int((time.time() + self.interval_s * keys.HEARTBEAT_TTL_FACTOR)
-                                 * 1000)
-        await self.redis.hset(keys.workers(self.hb.model), self.hb.name,
-                              json.dumps(asdict(self.hb)))
+        """One beat: the record and the liveness key, one round trip."""
+        self.hb.expires_ms = int(time.time() * 1000 + self.lapse_ms * keys.HEARTBEAT_RECORD_FACTOR)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.workers(self.hb.model), self.hb.name, json.dumps(asdict(self.hb)))
+        pipe.set(keys.alive(self.hb.model, self.hb.name), self.hb.state, px=self.lapse_ms)
+        await pipe.execute()
 
     async def run(self) -> None:
+        """Beat every interval until cancelled (while the model loads, before Celery runs)."""
         failing = False
         while True:
             try:
@@ -92,4 +106,8 @@ class HeartbeatPublisher:
             await asyncio.sleep(self.interval_s)
 
     async def remove(self) -> None:
-        await self.redis.hdel(keys.workers(self.hb.model), self.hb.name)
+        """Say goodbye: the batcher sees the death at once instead of after the lapse."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(keys.alive(self.hb.model, self.hb.name))
+        pipe.hdel(keys.workers(self.hb.model), self.hb.name)
+        await pipe.execute()

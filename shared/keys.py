@@ -13,8 +13,22 @@ PREFIX = "ai"
 # The one consumer group every batcher of a model joins on its streams.
 BATCHER_GROUP = "batchers"
 
-# Consumer that owns the entries of batches dispatched to workers (see batcher.streams).
-INFLIGHT_CONSUMER = "inflight"
+# A dispatched batch's entries are pending on the consumer of the worker that holds it, so the
+# group's pending list says which worker holds which entry. Any other consumer is a batcher's
+# (or the single "inflight" consumer of older versions), and only the lease holder's is live.
+WORKER_CONSUMER_PREFIX = "w:"
+
+
+def worker_consumer(worker_id: str) -> str:
+    """The stream consumer owning the entries of batches dispatched to one worker process."""
+    return f"{WORKER_CONSUMER_PREFIX}{worker_id}"
+
+
+def worker_of_consumer(consumer: str) -> str | None:
+    """The worker id behind a worker consumer name; None for any other consumer."""
+    if consumer.startswith(WORKER_CONSUMER_PREFIX):
+        return consumer[len(WORKER_CONSUMER_PREFIX):]
+    return None
 
 # Pub/sub channel carrying every job that reached a final state (long-poll wake-ups): "id", or
 # "id\n" + the record as JSON when its output is at most PUBLISH_RECORD_MAX_BYTES, so that a
@@ -22,8 +36,8 @@ INFLIGHT_CONSUMER = "inflight"
 FINAL_CHANNEL = f"{PREFIX}:ev:final"
 PUBLISH_RECORD_MAX_BYTES = 65_536
 
-# Channel prefix on which a cancel announces the stream entry it removed, per model, so the
-# batcher drops the entry from its read-ahead before it reaches a batch.
+# Channel prefix on which a cancel announces the job it removed (its id), per model, so the
+# batcher drops the job's entry from its read-ahead before it reaches a batch.
 CANCEL_CHANNEL_PREFIX = f"{PREFIX}:ev:cancel:"
 
 
@@ -38,7 +52,9 @@ SCALE_HISTORY_LEN = 20
 
 # Fixed lifetimes (the configurable ones live in Settings).
 BATCHER_STATE_TTL_S = 15
-HEARTBEAT_TTL_FACTOR = 5  # a heartbeat lives this many intervals
+# A heartbeat's record (for display and the autoscaler) outlives its liveness key this many
+# times, so a dead worker stays visible as gone for a moment instead of vanishing.
+HEARTBEAT_RECORD_FACTOR = 5
 CANCELED_TTL_S = 3600
 
 PriorityName = Literal["high", "normal", "low"]
@@ -76,14 +92,25 @@ def workers(model: str) -> str:
     return f"{PREFIX}:workers:{model}"
 
 
+def alive(model: str, worker_id: str) -> str:
+    """Set by a worker on every heartbeat with an expiry of the liveness lapse: while it exists,
+    the worker lives. Expired on the Redis server's clock, so hosts' clocks never matter."""
+    return f"{PREFIX}:alive:{model}:{worker_id}"
+
+
 def batcher_state(model: str) -> str:
     """JSON snapshot of the batcher's live values (fit, queue, in flight)."""
     return f"{PREFIX}:batcher:{model}"
 
 
 def lease(model: str) -> str:
-    """The active batcher's lease on a model."""
+    """The active batcher's lease on a model: "holder/epoch" (see batcher.lease)."""
     return f"{PREFIX}:lease:{model}"
+
+
+def lease_epoch(model: str) -> str:
+    """Counter of a model's leadership terms; every new lease takes the next value (fencing)."""
+    return f"{PREFIX}:epoch:{model}"
 
 
 def idempotency(owner: str, key: str) -> str:
@@ -113,9 +140,23 @@ def scale_history(model: str) -> str:
     return f"{PREFIX}:scale:{model}"
 
 
-def celery_queue(model: str) -> str:
-    """Celery queue the workers of one model consume."""
-    return f"{PREFIX}.batches.{model}"
+def worker_queue(model: str, worker_id: str) -> str:
+    """The Celery queue of one worker process: the batcher routes each batch to the worker it
+    chose, so it always knows which worker holds which batch."""
+    return f"{PREFIX}.batches.{model}.{worker_id}"
+
+
+# kombu's Redis transport keeps a queue as a list named after it (one more per priority step,
+# name + KOMBU_PRIORITY_SEP + step) and its exchange bindings in sets; a dead worker's queue is
+# deleted with all of them.
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (3, 6, 9)
+
+
+def kombu_queue_keys(queue: str) -> list[str]:
+    """Every Redis key kombu keeps for one queue."""
+    return [queue, *(f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS),
+            f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
 
 
 # A webhook's delivery state lives this long after its last write (far past any retry schedule).

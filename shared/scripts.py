@@ -41,13 +41,21 @@ end
 return {'ok', joined}
 """
 
-# One call per batch. KEYS: the batch's job keys. ARGV: now_ms, worker, device, max_attempts.
+# One call per batch. KEYS: the batch's job keys. ARGV: now_ms, worker, device, group, consumer
+# (the worker's own), solo ("1" when the batch is one suspect job run alone), max solo deaths,
+# attempt cap.
+# A job runs only if its stream entry is still pending on this worker's consumer: a batch whose
+# entries were taken back (its worker was declared dead, or a newer dispatch moved them) is never
+# started by a late worker. A job run alone that took its worker down `max solo deaths` times
+# is poison; runs inside a group never count towards that, so batch mates are not charged.
 # Returns, per job: {'run', attempts, input, created_ms} | {'poison', attempts} | {'skip', status}
-# | {'missing'}.
+# | {'moved'} | {'missing'}.
 START = """
 local out = {}
+local solo = ARGV[6] == '1'
 for i, key in ipairs(KEYS) do
-  local st = redis.call('HMGET', key, 'status', 'expires_ms')
+  local st = redis.call('HMGET', key, 'status', 'expires_ms', 'stream', 'entry', 'attempts',
+    'solo')
   if not st[1] then
     out[i] = {'missing'}
   elseif st[1] ~= 'queued' and st[1] ~= 'running' then
@@ -55,10 +63,19 @@ for i, key in ipairs(KEYS) do
   elseif st[1] == 'queued' and tonumber(st[2]) <= tonumber(ARGV[1]) then
     out[i] = {'skip', 'expired'}
   else
-    local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-    if attempts > tonumber(ARGV[4]) then
-      out[i] = {'poison', attempts}
+    local owner = nil
+    if st[3] then
+      local p = redis.call('XPENDING', st[3], ARGV[4], st[4], st[4], 1)
+      if p[1] then owner = p[1][2] end
+    end
+    if owner ~= ARGV[5] then
+      out[i] = {'moved'}
+    elseif (solo and tonumber(st[6] or '0') >= tonumber(ARGV[7]))
+        or tonumber(st[5] or '0') >= tonumber(ARGV[8]) then
+      out[i] = {'poison', tonumber(st[5] or '0')}
     else
+      local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+      if solo then redis.call('HINCRBY', key, 'solo', 1) end
       redis.call('HSET', key, 'status', 'running', 'started_ms', ARGV[1], 'worker', ARGV[2],
         'device', ARGV[3])
       local rec = redis.call('HMGET', key, 'input', 'created_ms')
@@ -136,7 +153,134 @@ end
 if cur[3] then
   redis.call('XACK', cur[3], ARGV[5], cur[4])
   redis.call('XDEL', cur[3], cur[4])
-  redis.call('PUBLISH', ARGV[7] .. redis.call('HGET', KEYS[1], 'model'), cur[4])
+  redis.call('PUBLISH', ARGV[7] .. redis.call('HGET', KEYS[1], 'model'), cur[5])
 end
 return {'ok'}
+"""
+
+# The batcher's lease on a model, with fencing. KEYS: lease, epoch counter. ARGV: holder, ttl_ms.
+# A new term takes the next epoch; the lease's value "holder/epoch" is the token every fenced
+# script compares, so a batcher whose term ended can no longer change anything.
+# Returns the token, or false when another batcher holds the lease.
+LEASE_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = ARGV[1] .. '/' .. redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+return token
+"""
+
+# KEYS: lease. ARGV: token, ttl_ms. Extends the lease only within the same term.
+LEASE_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: token.
+LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Dispatch one batch to one worker, fenced. KEYS: lease, the worker's Celery queue, then the
+# model's streams. ARGV: token, group, worker consumer, Celery message, then pairs (stream index
+# in KEYS, entry id). In one step: check the term, move the entries to the worker's consumer
+# (entries no longer pending, i.e. canceled, are left out), and push the task message onto the
+# worker's queue, so an entry is never owned by a worker that has no message for it.
+# Returns {'fenced'} | {'empty'} | {'ok', claimed id, ...} (ids as "stream index/entry id").
+DISPATCH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'fenced'} end
+local by_stream = {}
+for i = 5, #ARGV, 2 do
+  local s = tonumber(ARGV[i])
+  by_stream[s] = by_stream[s] or {}
+  table.insert(by_stream[s], ARGV[i + 1])
+end
+local out = {'ok'}
+for s, ids in pairs(by_stream) do
+  local got = redis.call('XCLAIM', KEYS[s], ARGV[2], ARGV[3], 0, unpack(ids))
+  for _, e in ipairs(got) do
+    if e[2] then table.insert(out, s .. '/' .. e[1]) end
+  end
+end
+if #out == 1 then return {'empty'} end
+redis.call('LPUSH', KEYS[2], ARGV[4])
+return out
+"""
+
+# Take over, fenced, what nobody alive holds. KEYS: lease, then the model's streams.
+# ARGV: token, group, this batcher's consumer, worker consumer prefix, liveness key prefix,
+# stale_ms.
+# A consumer is gone when it is another batcher's (only the lease holder reads a model's
+# streams; this includes the pre-1.0 in-flight consumer) or a worker's whose liveness key
+# expired. Its entries are claimed by this batcher and the consumer deleted, in one step:
+# nothing read in between can be dropped from the pending list. A live worker keeps the entries
+# it works on fresh (see REFRESH); only its entries idle for `stale_ms` are claimed (a batch it
+# gave up on). Returns {'fenced'} or {'ok', then per claimed entry: stream index, former
+# consumer, id, fields (flat)}.
+TAKEOVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'fenced'} end
+local out = {'ok'}
+local prefix = ARGV[4]
+local function claim(s, name, ids)
+  if #ids == 0 then return end
+  local got = redis.call('XCLAIM', KEYS[s], ARGV[2], ARGV[3], 0, unpack(ids))
+  for _, e in ipairs(got) do
+    if e[2] then
+      table.insert(out, s - 1)
+      table.insert(out, name)
+      table.insert(out, e[1])
+      table.insert(out, e[2])
+    end
+  end
+end
+for s = 2, #KEYS do
+  local infos = redis.call('XINFO', 'CONSUMERS', KEYS[s], ARGV[2])
+  for _, info in ipairs(infos) do
+    local name, pending = nil, 0
+    for i = 1, #info, 2 do
+      if info[i] == 'name' then name = info[i + 1] end
+      if info[i] == 'pending' then pending = tonumber(info[i + 1]) end
+    end
+    local worker = string.sub(name, 1, #prefix) == prefix
+    local gone = name ~= ARGV[3] and not (worker and
+      redis.call('EXISTS', ARGV[5] .. string.sub(name, #prefix + 1)) == 1)
+    if gone then
+      while pending > 0 do
+        local p = redis.call('XPENDING', KEYS[s], ARGV[2], '-', '+', 1000, name)
+        if #p == 0 then break end
+        local ids = {}
+        for _, row in ipairs(p) do table.insert(ids, row[1]) end
+        claim(s, name, ids)
+        pending = pending - #p
+      end
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[s], ARGV[2], name)
+    elseif worker and pending > 0 then
+      local p = redis.call('XPENDING', KEYS[s], ARGV[2], 'IDLE', ARGV[6], '-', '+', 1000, name)
+      local ids = {}
+      for _, row in ipairs(p) do table.insert(ids, row[1]) end
+      claim(s, name, ids)
+    end
+  end
+end
+return out
+"""
+
+# A worker keeps the entries it works on fresh, on every heartbeat. KEYS: the model's streams.
+# ARGV: group, the worker's consumer, then pairs (stream index in KEYS, entry id). Only entries
+# it still owns are touched (never taken back from whoever holds them now). Returns the pairs
+# "index/id" it no longer owns.
+REFRESH = """
+local lost = {}
+for i = 3, #ARGV, 2 do
+  local s, id = tonumber(ARGV[i]), ARGV[i + 1]
+  local p = redis.call('XPENDING', KEYS[s], ARGV[1], id, id, 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[s], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  else
+    table.insert(lost, s .. '/' .. id)
+  end
+end
+return lost
 """

@@ -35,11 +35,18 @@ class Settings(BaseSettings):
         "auto",
         description="'auto' (every GPU, else one CPU slot per core), 'cpu:N', or 'cuda:0,1,...'.",
     )
-    heartbeat_interval_s: float = 1.0
-    reclaim_idle_s: float = Field(
-        60.0, description="Stream entries idle this long are reclaimed from a dead consumer."
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, description="How often a worker's Celery consumer loop publishes its heartbeat."
     )
-    max_attempts: int = Field(3, description="Runs of one job before it goes to the dead letters.")
+    heartbeat_lapse_s: float = Field(
+        3.0, gt=0, description="A worker silent this long is dead: its batches run again."
+    )
+    reclaim_idle_s: float = Field(
+        60.0, description="Webhook deliveries idle this long are taken over from a dead gateway."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Times a job may take its worker down while running alone before it "
+        "fails as poison and goes to the dead letters.")
     lookahead_batches: int = Field(3, description="Full batches a batcher reads ahead.")
     lease_ttl_s: float = Field(5.0, description="A batcher's lease on its model; takeover time.")
 

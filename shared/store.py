@@ -131,6 +131,15 @@ class JobStore:
         rows = await pipe.execute()
         return [self.visible(i, _decode(r), owner) for i, r in zip(job_ids, rows, strict=True)]
 
+    async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Each job's status, None for a record that is gone; one round trip."""
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "status")
+        return [None if s is None else _s(s) for s in await pipe.execute()]
+
     @staticmethod
     def visible(job_id: str, fields: dict[str, str], owner: str) -> Job:
         """The job from its record fields, or NotFound when absent or of another owner."""
@@ -153,15 +162,19 @@ class JobStore:
             raise Conflict(f"job {job_id!r} is already {_s(reply[1])}")
         return await self.get(job_id, owner)
 
-    async def start(self, job_ids: Sequence[str], worker: str,
-                    device: str) -> list[Started]:
-        """Mark a batch's jobs running, one script call. The verdict is 'run', 'poison' (past
-        the attempt limit), or the status that makes the job skip ('canceled', 'expired',
-        'missing', ...)."""
+    async def start(self, job_ids: Sequence[str], worker: str, device: str, *, consumer: str,
+                    solo: bool = False, attempt_cap: int = 0) -> list[Started]:
+        """Mark a batch's jobs running, one script call. The verdict is 'run', 'poison' (run
+        alone and took its worker down `max_attempts` times, or past `attempt_cap` runs in
+        all), 'moved' (its entry is no longer this worker's `consumer`'s: the batch was taken
+        back), or the status that makes the job skip ('canceled', 'expired', 'missing', ...)."""
         if not job_ids:
             return []
-        replies = await self._start(keys=[keys.job(j) for j in job_ids],
-                                    args=[now_ms(), worker, device, self.max_attempts])
+        cap = attempt_cap or 1_000_000
+        replies = await self._start(
+            keys=[keys.job(j) for j in job_ids],
+            args=[now_ms(), worker, device, keys.BATCHER_GROUP, consumer, "1" if solo else "0",
+                  self.max_attempts, cap])
         out: list[Started] = []
         for job_id, reply in zip(job_ids, replies, strict=True):
             kind = _s(reply[0])
@@ -203,7 +216,7 @@ class JobStore:
 
     async def backlog(self, model: str) -> tuple[int, int]:
         """(queued, in_flight) jobs of the model: in flight are the entries the batcher handed to
-        workers (pending on the in-flight consumer); the rest of the stream waits."""
+        workers (pending on a worker's consumer); the rest of the stream waits."""
         pipe = self.redis.pipeline(transaction=False)
         streams = keys.streams(model)
         for stream in streams:
@@ -216,7 +229,7 @@ class JobStore:
         for summary in replies[3:]:
             if isinstance(summary, dict):  # an error reply: the group does not exist yet
                 for c in summary.get("consumers") or []:
-                    if c.get("name") == keys.INFLIGHT_CONSUMER:
+                    if keys.worker_of_consumer(_s(c.get("name", ""))) is not None:
                         in_flight += int(c.get("pending", 0))
         return max(0, total - in_flight), in_flight
 

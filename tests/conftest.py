@@ -31,8 +31,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def settings(redis_server: RedisServer) -> Settings:
     redis.Redis.from_url(redis_server.url).flushall()
+    # Every timer (heartbeat, liveness lapse, lease) at the default users get.
     return Settings(redis_url=redis_server.url, models=MODELS, devices="cpu:2",
-                    reclaim_idle_s=6, lease_ttl_s=2, heartbeat_interval_s=0.5,
                     max_body_bytes=64 * 1024)
 
 
@@ -43,6 +43,7 @@ def env_of(settings: Settings) -> dict[str, str]:
            "ASYNCINFER_RECLAIM_IDLE_S": str(settings.reclaim_idle_s),
            "ASYNCINFER_LEASE_TTL_S": str(settings.lease_ttl_s),
            "ASYNCINFER_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+           "ASYNCINFER_HEARTBEAT_LAPSE_S": str(settings.heartbeat_lapse_s),
            "ASYNCINFER_MAX_ATTEMPTS": str(settings.max_attempts),
            "ASYNCINFER_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
     return env

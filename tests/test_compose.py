@@ -314,7 +314,7 @@ async def test_worker_and_batcher_healthchecks_follow_redis_state(
     try:
         assert await asyncio.to_thread(run_snippet, worker_check, server.url) == 1
         hb = HeartbeatPublisher(redis, Heartbeat(name="mlp-1@test", model="mlp", index=1,
-                                                 device="cpu:0", slots=2), 1.0)
+                                                 device="cpu:0", lanes=1), 1.0, 3.0)
         assert hb.hb.host == socket.gethostname()
         await hb.publish()
         assert await asyncio.to_thread(run_snippet, worker_check, server.url) == 0

@@ -64,7 +64,8 @@ async def test_flower_lists_the_worker_online_and_the_batch_task_succeeded(
 
         inspected = _get(flower, "/api/workers", refresh=1, workername=worker)[worker]
         queues = [q["name"] for q in inspected["active_queues"]]
-        assert queues == [keys.celery_queue("synthetic")]
+        # Each worker process consumes its own queue: the batcher routes batches to it.
+        assert queues == [keys.worker_queue("synthetic", worker)]
 
     assert httpx.get(f"{base}/api/workers", timeout=10).status_code == 401  # auth is on
     # By Flower's design these two stay open even with basic auth (docs/operations.md).

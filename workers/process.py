@@ -3,21 +3,28 @@
 Pool choice: Celery's `threads` pool inside a process that the launcher started with its device
 already chosen. There is no fork at all, so CUDA can never be initialised before a fork; the
 model loads before the worker consumes (no child start-up limit applies); Celery's main thread
-keeps sending heartbeats and answering remote control while batches run in pool threads; and
-several batches can be in flight so preprocess/postprocess overlap a running predict. The price
-is that Celery cannot kill a stuck thread, so the batch time limit is enforced here: the batch's
-jobs are failed and, if predict is still stuck after a grace period, the process exits for its
-launcher to restart.
+keeps beating (see `workers.liveness`) and answering remote control while batches run in pool
+threads; and several batches can be in flight so preprocess/postprocess overlap a running
+predict. The price is that Celery cannot kill a stuck thread, so the time limit is enforced here:
+a batch whose predict is stuck past it is reported to the batcher and the process exits for its
+launcher to restart; the batcher runs the batch's jobs again as suspects, so a hanging item ends
+up alone and fails alone (`timeout`) while its mates finish.
+
+Each process has its own identity (`worker_id`, new at every start), its own Celery queue and
+its own stream consumer: the batcher routes each batch to one worker and always knows which
+worker holds which entries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import math
 import os
+import secrets
 import socket
 import sys
-import time
 from typing import Any
 
 from celery import signals
@@ -31,14 +38,14 @@ from shared.modelspec import ModelSpec, load_specs
 from shared.redisconn import connect
 from shared.settings import Settings
 from shared.store import JobStore
-from workers import context
+from workers import context, liveness
 from workers.loop import LoopThread
-from workers.runtime import BatchRequest, BatchTimeout, ModelRuntime
+from workers.refresh import HeldEntries
+from workers.runtime import BatchReport, BatchRequest, ModelRuntime
 
 log = logging.getLogger(__name__)
 
 STUCK_EXIT_CODE = 70
-STUCK_GRACE_S = 2.0
 
 
 def compute_cores(device: Device) -> set[int] | None:
@@ -68,96 +75,146 @@ class Worker:
         self.cores = compute_cores(self.device)
         self.threads = 1 if self.cores is not None else max(
             1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-        self.name = f"{spec.name}-{index}@{socket.gethostname()}"
-        self.slots = spec.options.predict_concurrency + 1
+        # New at every start: a restarted worker never inherits its predecessor's queue or
+        # entries (those go back to the batcher when the old identity's heartbeat lapses).
+        self.worker_id = f"{spec.name}-{index}@{socket.gethostname()}.{secrets.token_hex(3)}"
+        self.lanes = spec.options.predict_concurrency
         self.loop = LoopThread()
         self.redis = connect(settings)
         self.store = JobStore(self.redis, result_ttl_s=settings.result_ttl_s,
                               job_ttl_s=settings.job_ttl_s, max_attempts=settings.max_attempts)
         ctx = ModelContext(model=spec.name, worker_index=index, device=self.device.torch_device,
-                           worker_name=self.name)
+                           worker_name=self.worker_id)
         context.set_current(ctx)
         self.heartbeat = HeartbeatPublisher(self.redis, Heartbeat(
-            name=self.name, model=spec.name, index=index, device=self.device.label,
-            slots=self.slots, cores=sorted(self.cores or ())), settings.heartbeat_interval_s)
+            name=self.worker_id, model=spec.name, index=index, device=self.device.label,
+            lanes=self.lanes, cores=sorted(self.cores or ())), settings.heartbeat_interval_s,
+            settings.heartbeat_lapse_s)
+        self.held = HeldEntries(self.redis, spec.name, keys.worker_consumer(self.worker_id))
+        # Bisection of a poison batch runs a job in up to log2(max_batch_size) + 1 groups
+        # before it runs alone; past that many starts something else keeps killing it.
+        attempt_cap = settings.max_attempts + 2 * math.ceil(
+            math.log2(max(2, spec.options.max_batch_size))) + 2
         self.runtime = ModelRuntime(spec, ctx, self.store,
+                                    consumer=keys.worker_consumer(self.worker_id),
+                                    lane_free=self._lane_free, attempt_cap=attempt_cap,
                                     compute_thread_init=lambda: pin_thread(self.cores))
         self.app = make_celery(settings)
         # Celery's CLI only names its built-in pools; a configured class is taken when -P is
         # left out.
         self.app.conf.worker_pool = "workers.pool:WakingThreadPool"
         self.app.task(name=BATCH_TASK)(self._task)
-        self._busy = 0
+        liveness.install(self.app, self._beat, settings.heartbeat_interval_s)
+        self._side_beat: concurrent.futures.Future[Any] | None = None
 
-    def _task(self, model: str, batch_id: str, job_ids: list[str],
-              dispatched_ms: float = 0) -> dict[str, Any]:
-        req = BatchRequest(model, batch_id, job_ids, dispatched_ms)
-        self._set_busy(+1)
+    @property
+    def queue(self) -> str:
+        return keys.worker_queue(self.spec.name, self.worker_id)
+
+    def _task(self, model: str, batch_id: str, job_ids: list[str], dispatched_ms: float = 0,
+              solo: bool = False, entries: list[str] | None = None) -> dict[str, Any]:
+        req = BatchRequest(model, batch_id, job_ids, dispatched_ms, solo)
+        self.held.add(batch_id, entries or [])
+        self._show_batches()
         try:
             return self.loop.call(self._run(req))
         finally:
-            self._set_busy(-1)
+            self.held.remove(batch_id)
+            self._show_batches()
 
-    def _set_busy(self, delta: int) -> None:
-        self._busy += delta
+    def _show_batches(self) -> None:
         hb = self.heartbeat.hb
-        hb.busy = self._busy
+        hb.busy = len(self.held)
+        hb.batches = self.held.before_lane_free()
         if hb.state in ("ready", "busy"):
-            hb.state = "busy" if self._busy else "ready"
+            hb.state = "busy" if hb.busy else "ready"
+
+    async def _lane_free(self, report: BatchReport) -> None:
+        self.held.lane_freed(report.batch_id)
+        await self.redis.xadd(keys.completions(self.spec.name),
+                              self.runtime.report_fields(report),  # type: ignore[arg-type]
+                              maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
+
+    def _beat(self) -> None:
+        """On the Celery consumer's event loop: heartbeat, and keep held entries fresh."""
+        if self._side_beat is not None and self.heartbeat.hb.state != "draining":
+            # The consumer runs: it beats from now on.
+            self._side_beat.cancel()
+            self._side_beat = None
+        self._show_batches()
+        try:
+            self.loop.call(self._beat_async(), timeout_s=self.settings.heartbeat_lapse_s / 2)
+        except Exception as exc:  # never let a Redis hiccup stop the consumer loop
+            log.warning("heartbeat failed worker=%s error=%r", self.worker_id, exc)
+
+    async def _beat_async(self) -> None:
+        await self.heartbeat.publish()
+        await self.held.refresh()
+
+    async def _beat_forever(self) -> None:
+        """Beats while Celery's consumer does not run: loading the model, and draining (its
+        consumer stopped taking batches, the running ones finish)."""
+        while True:
+            try:
+                await self._beat_async()
+            except Exception as exc:
+                log.warning("heartbeat failed worker=%s error=%r", self.worker_id, exc)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _run(self, req: BatchRequest) -> dict[str, Any]:
         limit_s = self.spec.options.batch_timeout_s
         try:
-            # predict has its own limit (runtime.BatchTimeout); this outer one also bounds a
-            # hung preprocess/postprocess and the wait for a predict slot.
-            report = await asyncio.wait_for(self.runtime.run_batch(req),
-                                            limit_s * (self.slots + 1))
-        except (TimeoutError, BatchTimeout):
-            await self.store.finish(self.runtime.timeout_outcomes(req))
-            log.error("batch time limit batch=%s model=%s limit_s=%s", req.batch_id,
-                      req.model, limit_s)
-            deadline = time.monotonic() + STUCK_GRACE_S
-            while self.runtime.stuck and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if self.runtime.stuck:
-                log.error("predict stuck past time limit; exiting for restart worker=%s",
-                          self.name)
-                await self.heartbeat.remove()
-                os._exit(STUCK_EXIT_CODE)
-            return {"batch": req.batch_id, "timeout": True}
-        fields: dict[Any, Any] = self.runtime.report_fields(report)
-        await self.redis.xadd(keys.completions(req.model), fields,
-                              maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
+            # predict has its own limit; this outer one also bounds a hung preprocess or
+            # postprocess and the wait for a lane behind another batch's predict.
+            report = await asyncio.wait_for(self.runtime.run_batch(req), limit_s * 3)
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError | asyncio.CancelledError) or self.runtime.stuck:
+                await self._give_up(req, limit_s)
+            raise
         return {"batch": req.batch_id, "ok": report.ok, "failed": report.failed}
+
+    async def _give_up(self, req: BatchRequest, limit_s: float) -> None:
+        """A thread is stuck past the time limit: fail a lone suspect job (the hanging item,
+        isolated), say goodbye so the batcher reclaims the rest at once, and exit."""
+        if req.solo:
+            await self.runtime.finish(self.runtime.timeout_outcomes(req))
+        log.error("batch stuck past its time limit; exiting for restart worker=%s batch=%s "
+                  "limit_s=%s solo=%s", self.worker_id, req.batch_id, limit_s, req.solo)
+        try:
+            await asyncio.wait_for(self.heartbeat.remove(), 2.0)
+        finally:
+            os._exit(STUCK_EXIT_CODE)
 
     def run(self) -> None:
         """Load, then serve until a warm shutdown (SIGTERM: stop taking batches, finish, exit)."""
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
-        hb_task = self.loop.spawn(self.heartbeat.run())
-        self.loop.call(self.heartbeat.publish())
+        self._side_beat = self.loop.spawn(self._beat_forever())
         try:
             self.runtime.load()
             _set_torch_threads(self.threads)
             self.heartbeat.hb.state = "ready"
-            self.loop.call(self.heartbeat.publish())
             signals.worker_shutting_down.connect(self._on_shutdown, weak=False)
-            log.info("worker ready worker=%s device=%s slots=%d", self.name, self.device.label,
-                     self.slots)
+            log.info("worker ready worker=%s device=%s lanes=%d queue=%s", self.worker_id,
+                     self.device.label, self.lanes, self.queue)
+            # Threads: the lanes, one staged batch per lane, and room for batches finishing
+            # their postprocess, so a dispatched batch never waits in the queue.
             self.app.worker_main([
-                "worker", "-c", str(self.slots), "-n", self.name,
-                "-Q", keys.celery_queue(self.spec.name), "--without-gossip",
+                "worker", "-c", str(2 * (self.lanes + 1) + 2), "-n", self.worker_id,
+                "-Q", self.queue, "--without-gossip",
                 "--without-mingle", "--loglevel", self.settings.log_level,
             ])
         finally:
-            hb_task.cancel()
+            if self._side_beat is not None:
+                self._side_beat.cancel()
             self.loop.call(self.heartbeat.remove(), timeout_s=5)
             self.loop.stop()
-            log.info("worker stopped worker=%s", self.name)
+            log.info("worker stopped worker=%s", self.worker_id)
 
     def _on_shutdown(self, **_: Any) -> None:
         self.heartbeat.hb.state = "draining"
-        self.loop.spawn(self.heartbeat.publish())
-        log.info("worker draining worker=%s busy=%d", self.name, self._busy)
+        if self._side_beat is None:
+            self._side_beat = self.loop.spawn(self._beat_forever())
+        log.info("worker draining worker=%s busy=%d", self.worker_id, len(self.held))
 
 
 def _set_torch_threads(n: int) -> None:

@@ -1,7 +1,9 @@
 """Runs one batch of jobs through a loaded model: fetch, preprocess, predict, postprocess, store.
 
 Per-item failures fail only their job. A `predict` that raises for the whole batch is retried on
-halves until the failing item is alone, so its batch mates still succeed.
+halves until the failing item is alone, so its batch mates still succeed. The moment the predict
+is over (done, failed, or past its time limit) the batcher is told its lane is free, in a
+`finally`, before postprocess and the final write, which overlap the next batch's predict.
 """
 
 from __future__ import annotations
@@ -11,20 +13,27 @@ import concurrent.futures
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from shared.model import InferenceModel, ModelContext
 from shared.modelspec import ModelSpec
-from shared.store import JobStore, Outcome
+from shared.store import JobStore, Outcome, Started
 
 log = logging.getLogger(__name__)
 ITEM_LANES = 4  # threads running per-item pre/postprocess at once
+# A predict past its time limit gets this long to finish after all before it counts as stuck.
+STUCK_GRACE_S = 2.0
+# The final write is retried this long through a Redis outage before the batch is given up (its
+# entries, no longer refreshed, then go back to the batcher).
+FINISH_RETRY_S = 30.0
 
+Outcome_ = Literal["ok", "error", "timeout"]
 
 @dataclass(frozen=True)
 class BatchRequest:
@@ -34,6 +43,7 @@ class BatchRequest:
     batch_id: str
     job_ids: list[str]
     dispatched_ms: float = 0  # the batcher's wall clock at send, sub-millisecond
+    solo: bool = False  # one suspect job run alone (see batcher.recovery)
 
 
 @dataclass
@@ -48,6 +58,9 @@ class BatchReport:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    outcome: Outcome_ = "ok"
+    predict_ms: float = 0.0  # predict spans, summed (a bisected batch runs several)
+    lane_wait_ms: float = 0.0  # waiting for a predict lane, summed
     # Stage -> [start, end] intervals on the machine-wide monotonic clock (predict may run
     # several times when a failing batch is bisected).
     spans: dict[str, list[list[float]]] = field(default_factory=dict)
@@ -66,7 +79,8 @@ class _Item:
 
 
 class BatchTimeout(Exception):
-    """A predict ran past the model's time limit (waiting for a predict slot does not count)."""
+    """A predict ran past the model's time limit and its grace, and is still running (waiting
+    for a lane does not count)."""
 
 
 def _item_error(kind: str, exc: BaseException) -> dict[str, str]:
@@ -77,11 +91,17 @@ class ModelRuntime:
     """One loaded model in one worker process. `run_batch` may run for several batches at once
     (one per Celery slot); only `predict_concurrency` predicts overlap."""
 
-    def __init__(self, spec: ModelSpec, ctx: ModelContext, store: JobStore,
-                 compute_thread_init: Callable[[], None] | None = None) -> None:
+    def __init__(self, spec: ModelSpec, ctx: ModelContext, store: JobStore, *, consumer: str,
+                 lane_free: Callable[[BatchReport], Awaitable[None]],
+                 compute_thread_init: Callable[[], None] | None = None,
+                 attempt_cap: int = 0) -> None:
         self.spec = spec
         self.ctx = ctx
         self.store = store
+        self.consumer = consumer
+        self._lane_free = lane_free
+        self.attempt_cap = attempt_cap
+        self.tail_ms = 0.0  # postprocess + final write, smoothed: reported with the next batch
         self.model: InferenceModel = spec.cls(**spec.params)
         concurrency = spec.options.predict_concurrency
         self._predict_slots = asyncio.Semaphore(concurrency)
@@ -107,26 +127,31 @@ class ModelRuntime:
             report.handoff_ms = round(max(0.0, time.time() * 1000 - req.dispatched_ms), 3)
         outcomes: list[Outcome] = []
         items: list[_Item] = []
-        for st in await self.store.start(req.job_ids, self.ctx.worker_name, self.ctx.device):
-            if st.verdict == "run":
-                items.append(_Item(st.job_id, st.attempts, st.created_ms, st.input_json))
-            elif st.verdict == "poison":
+        try:
+            starts = await self.store.start(req.job_ids, self.ctx.worker_name, self.ctx.device,
+                                            consumer=self.consumer, solo=req.solo,
+                                            attempt_cap=self.attempt_cap)
+            poison: list[Started] = []
+            for st in starts:
+                self._sort(st, items, outcomes, report, poison)
+            for st in poison:
                 await self.store.dead_letter(req.model, st.job_id, st.attempts, "attempts")
-                outcomes.append(Outcome(st.job_id, "failed", error={
-                    "type": "poison",
-                    "message": f"the job was attempted {st.attempts - 1} times and its worker "
-                               "died each time; moved to the dead-letter stream"}))
-            elif st.verdict == "expired":
-                outcomes.append(Outcome(st.job_id, "expired", error={
-                    "type": "expired", "message": "the job waited longer than its ttl_s"}))
-            else:
-                report.skipped += 1
-        started_ms = time.time() * 1000
-
-        await self._each(items, self._parse_and_preprocess, "preprocess_error")
-        report.add_span("preprocess", t0, time.monotonic())
-        live = [it for it in items if it.error is None]
-        results = await self._predict([it.value for it in live], report) if live else []
+            started_ms = time.time() * 1000
+            await self._each(items, self._parse_and_preprocess, "preprocess_error")
+            report.add_span("preprocess", t0, time.monotonic())
+            live = [it for it in items if it.error is None]
+            results = await self._predict([it.value for it in live], report) if live else []
+        except BatchTimeout:
+            report.outcome = "timeout"
+            raise
+        except asyncio.CancelledError:  # the worker's overall limit on the batch
+            report.outcome = "timeout"
+            raise
+        except BaseException:
+            report.outcome = "error"
+            raise
+        finally:
+            await self._report_lane_free(report)
         for it, res in zip(live, results, strict=True):
             if isinstance(res, BaseException):
                 it.error = _item_error("predict_error", res)
@@ -148,8 +173,48 @@ class ModelRuntime:
                 outcomes.append(Outcome(it.job_id, "failed", error=it.error, metrics=metrics))
                 report.failed += 1
         if outcomes:
-            await self.store.finish(outcomes)
+            await self.finish(outcomes)
+        tail_ms = (time.monotonic() - q0) * 1000
+        self.tail_ms = tail_ms if not self.tail_ms else self.tail_ms + (tail_ms - self.tail_ms) / 8
         return report
+
+    def _sort(self, st: Started, items: list[_Item], outcomes: list[Outcome],
+              report: BatchReport, poison: list[Started]) -> None:
+        if st.verdict == "run":
+            items.append(_Item(st.job_id, st.attempts, st.created_ms, st.input_json))
+        elif st.verdict == "poison":
+            poison.append(st)
+            outcomes.append(Outcome(st.job_id, "failed", error={
+                "type": "poison",
+                "message": f"the job took its worker down {self.store.max_attempts} times "
+                           "while running alone; moved to the dead-letter stream"}))
+        elif st.verdict == "expired":
+            outcomes.append(Outcome(st.job_id, "expired", error={
+                "type": "expired", "message": "the job waited longer than its ttl_s"}))
+        else:  # moved, canceled, already final, missing
+            report.skipped += 1
+
+    async def _report_lane_free(self, report: BatchReport) -> None:
+        try:
+            await self._lane_free(report)
+        except (RedisError, OSError) as exc:
+            # The batcher then frees the lane when its heartbeat says the batch is gone.
+            log.warning("lane report failed batch=%s error=%s", report.batch_id, exc)
+
+    async def finish(self, outcomes: list[Outcome]) -> None:
+        """Write final states, riding out a Redis outage of up to FINISH_RETRY_S."""
+        deadline = time.monotonic() + FINISH_RETRY_S
+        backoff_s = 0.05
+        while True:
+            try:
+                await self.store.finish(outcomes)
+                return
+            except (RedisError, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("final write failed, retrying jobs=%d error=%s", len(outcomes), exc)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(1.0, backoff_s * 2)
 
     async def _each(self, items: list[_Item], fn: Any, error_kind: str) -> None:
         """Apply a per-item step concurrently; an exception fails that item only.
@@ -193,20 +258,16 @@ class ModelRuntime:
     async def _predict(self, batch: list[Any], report: BatchReport) -> list[Any]:
         """Predict the batch; on a whole-batch exception, bisect to isolate the bad items."""
         try:
+            w0 = time.monotonic()
             async with self._predict_slots:
                 p0 = time.monotonic()
+                report.lane_wait_ms += (p0 - w0) * 1000
                 try:
-                    work = self._predict_pool.submit(self.model.predict, batch)
-                    try:
-                        out = await asyncio.wait_for(asyncio.wrap_future(work),
-                                                     self.spec.options.batch_timeout_s)
-                    except TimeoutError:
-                        # The thread cannot be stopped; remember it so the process can tell
-                        # whether it finishes on its own or the worker must be restarted.
-                        self.abandoned.append(work)
-                        raise BatchTimeout(self.spec.options.batch_timeout_s) from None
+                    out = await self._call_predict(batch)
                 finally:
-                    report.add_span("predict", p0, time.monotonic())
+                    p1 = time.monotonic()
+                    report.add_span("predict", p0, p1)
+                    report.predict_ms += (p1 - p0) * 1000
             if len(out) != len(batch):
                 raise ValueError(f"predict returned {len(out)} results for {len(batch)} items")
             return list(out)
@@ -221,6 +282,26 @@ class ModelRuntime:
             return (await self._predict(batch[:mid], report)
                     + await self._predict(batch[mid:], report))
 
+    async def _call_predict(self, batch: list[Any]) -> Any:
+        """The model's predict on the compute thread, within the time limit (plus a grace in
+        which a late result is still taken)."""
+        work = self._predict_pool.submit(self.model.predict, batch)
+        future = asyncio.wrap_future(work)
+        limit_s = self.spec.options.batch_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), limit_s)
+        except TimeoutError:
+            pass
+        try:
+            out = await asyncio.wait_for(asyncio.shield(future), STUCK_GRACE_S)
+        except TimeoutError:
+            # The thread cannot be stopped; remember it, the process must be restarted.
+            self.abandoned.append(work)
+            raise BatchTimeout(limit_s) from None
+        log.warning("predict finished past its time limit model=%s size=%d limit_s=%s",
+                    self.spec.name, len(batch), limit_s)
+        return out
+
     @property
     def stuck(self) -> bool:
         """A predict that ran past its time limit is still running."""
@@ -233,9 +314,12 @@ class ModelRuntime:
         return [Outcome(j, "failed", error=err) for j in req.job_ids]
 
     def report_fields(self, report: BatchReport) -> dict[str, str]:
-        fields = {"batch": report.batch_id, "rows": str(report.rows), "ok": str(report.ok),
-                  "failed": str(report.failed), "worker": self.ctx.worker_name,
-                  "spans": json.dumps(report.spans)}
+        """The lane-free report as stream fields (see `batcher.service._on_report`)."""
+        fields = {"batch": report.batch_id, "rows": str(report.rows),
+                  "worker": self.ctx.worker_name, "outcome": report.outcome,
+                  "predict_ms": f"{report.predict_ms:.3f}",
+                  "lane_wait_ms": f"{report.lane_wait_ms:.3f}", "tail_ms": f"{self.tail_ms:.3f}",
+                  "skipped": str(report.skipped), "spans": json.dumps(report.spans)}
         if report.handoff_ms is not None:
             fields["handoff_ms"] = str(report.handoff_ms)
         return fields

@@ -98,11 +98,18 @@ class _Greedy:
             return Wait(None)
         return Release(str(len(self.queue)), (self.queue.pop(),), "rogue")
 
-    def on_complete(self, batch_id: str, rows: int, duration_s: float) -> None:
+    def on_complete(self, batch_id: str, rows: int, duration_s: float,
+                    overhead_s: float | None = None) -> None:
         pass
 
     def forget(self, batch_id: str) -> None:
         pass
+
+    def predict_s(self, rows: int) -> float:
+        return 0.0
+
+    def batch_cost_s(self, rows: int) -> float:
+        return 0.0
 
     def snapshot(self) -> PolicySnapshot:
         return PolicySnapshot(None, None, 0.0, 0, len(self.queue), len(self.queue))

@@ -167,17 +167,33 @@ def test_sigterm_drains_the_running_batch_then_exits(procs: Procs, settings: Set
     assert _heartbeats(settings, "synthetic") == []
 
 
-def test_batch_past_its_time_limit_fails_and_the_worker_recovers(
+def test_a_hanging_item_fails_alone_with_timeout_and_its_batch_mates_succeed(
         procs: Procs, settings: Settings) -> None:
     procs.batcher()
     worker = procs.worker("synthetic")
     url = procs.gateway()
     wait_until(workers_ready(settings, "synthetic", 1), 60, "worker")
-    [stuck] = _jobs(url, [{"x": 1, "fail": "hang"}])
-    [hung] = _final(url, [stuck], wait_s=30)
-    assert hung["status"] == "failed" and hung["error"]["type"] == "timeout"
-    # predict is stuck in a thread nobody can stop: the worker exits for its launcher to restart
-    assert worker.wait(30) == STUCK_EXIT_CODE
-    procs.worker("synthetic")
+    # Past the start-up probes (batches of 1, 1, 1, 2, 3 rows): the next batch is shared.
+    _final(url, _jobs(url, [{"x": i} for i in range(12)]))
+    inputs: list[dict[str, Any]] = [{"x": i, "sleep_s": 0.2} for i in range(4)]
+    inputs[1]["fail"] = "hang"
+    ids = _jobs(url, inputs)
+    exits: list[int] = []
+
+    def settled() -> bool:
+        nonlocal worker
+        if worker.poll() is not None:  # what a launcher does: restart the exited worker
+            exits.append(worker.returncode)
+            worker = procs.worker("synthetic")
+        return all(_status(url, j) in ("succeeded", "failed") for j in ids)
+
+    wait_until(settled, 120, "every job final")
+    done = _final(url, ids)
+    assert [d["status"] for d in done] == ["succeeded", "failed", "succeeded", "succeeded"]
+    assert done[1]["error"]["type"] == "timeout"
+    # predict is stuck in a thread nobody can stop: the worker exits for its launcher to
+    # restart, once in the shared batch and once with the hanging item alone.
+    assert exits == [STUCK_EXIT_CODE, STUCK_EXIT_CODE]
+    assert {d["metrics"]["attempts"] for i, d in enumerate(done) if i != 1} == {2}
     [after] = _final(url, _jobs(url, [{"x": 4}]))
     assert after["status"] == "succeeded" and after["output"] == {"y": 8.0}

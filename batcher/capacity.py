@@ -1,0 +1,159 @@
+"""Which workers can take a batch now: the batcher's one meaning of capacity. Pure (no I/O).
+
+A worker has `lanes` predicts that can run at once (its model's `predict_concurrency`). A batch
+holds a lane for its predict; what comes before the predict (hand-off, fetch, preprocess: the
+`lead_s`, measured by the batcher) and after it (postprocess, final write) runs beside other
+batches. A dispatched batch's predict is expected to start `lead_s` after its dispatch, or when
+the lane's previous predict is expected to end if that is later, and to last the policy's
+prediction. A lane is offered for the next batch `lead_s` before its predict is expected to end,
+even if the worker has not reported it free yet: the next batch's lead then overlaps the end of
+the predict before it, and the model is not left idle between batches. At most one batch per
+lane waits inside a worker like this (`STAGED`), so a predict that runs long never stacks more
+batches where they could no longer grow. With no lead measured yet, a lane frees only on its
+report.
+
+A batch stops being outstanding when its worker reports its predict done (or failed, or timed
+out); a worker that vanishes from the live set takes its outstanding batches with it (the caller
+turns them into suspects, see `batcher.recovery`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+STAGED = 1  # batches per lane a worker may hold waiting for it
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a heartbeat says about a live worker."""
+
+    worker_id: str
+    lanes: int
+    serving: bool  # ready or busy; starting and draining workers take no new batch
+    batches: tuple[str, ...] = ()  # batches it holds that have not reached their lane's end
+
+
+@dataclass
+class Outstanding:
+    """A batch dispatched to a worker whose predict has not been reported done."""
+
+    batch_id: str
+    dispatched_s: float
+    busy_until_s: float | None  # None: unknown (a batch of an earlier leader), busy until reported
+
+
+@dataclass
+class _Worker:
+    lanes: int
+    serving: bool
+    outstanding: dict[str, Outstanding] = field(default_factory=dict)
+    last_dispatch_s: float = float("-inf")
+
+    def busy(self, now: float, lead_s: float) -> int:
+        if lead_s <= 0:
+            return len(self.outstanding)
+        return sum(1 for o in self.outstanding.values()
+                   if o.busy_until_s is None or o.busy_until_s - lead_s > now)
+
+    def free(self, now: float, lead_s: float) -> int:
+        if not self.serving:
+            return 0
+        return max(0, min(self.lanes - self.busy(now, lead_s),
+                          self.lanes * (1 + STAGED) - len(self.outstanding)))
+
+    def idle(self) -> int:
+        return max(0, self.lanes - len(self.outstanding))
+
+
+class Capacity:
+    """Live workers of one model and the batches each holds."""
+
+    def __init__(self, lead_s: float = 0.0) -> None:
+        self._workers: dict[str, _Worker] = {}
+        self.lead_s = lead_s  # dispatch to predict start; the batcher keeps it measured
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._workers
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    @property
+    def lanes(self) -> int:
+        """Lanes of the workers that take batches now."""
+        return sum(w.lanes for w in self._workers.values() if w.serving)
+
+    @property
+    def outstanding(self) -> int:
+        return sum(len(w.outstanding) for w in self._workers.values())
+
+    def sync(self, live: Iterable[WorkerInfo], now: float) -> dict[str, list[Outstanding]]:
+        """Update from the live workers; returns the workers that are gone, with the batches
+        they held. A worker seen for the first time brings the batches its heartbeat names
+        (dispatched by an earlier leader): they hold a lane until reported."""
+        seen: set[str] = set()
+        for info in live:
+            seen.add(info.worker_id)
+            w = self._workers.get(info.worker_id)
+            if w is None:
+                w = self._workers[info.worker_id] = _Worker(max(1, info.lanes), info.serving)
+                for batch_id in info.batches:
+                    w.outstanding[batch_id] = Outstanding(batch_id, now, None)
+            w.lanes, w.serving = max(1, info.lanes), info.serving
+        gone = {wid: list(w.outstanding.values())
+                for wid, w in self._workers.items() if wid not in seen}
+        for wid in gone:
+            del self._workers[wid]
+        return gone
+
+    def free_lanes(self, now: float) -> int:
+        """Batches that may be dispatched now."""
+        return sum(w.free(now, self.lead_s) for w in self._workers.values())
+
+    def next_change_s(self, now: float) -> float | None:
+        """The next instant a lane is offered without any event (`lead_s` before a predict's
+        expected end)."""
+        if self.lead_s <= 0:
+            return None
+        times = [o.busy_until_s - self.lead_s for w in self._workers.values() if w.serving
+                 and len(w.outstanding) < w.lanes * (1 + STAGED)
+                 for o in w.outstanding.values()
+                 if o.busy_until_s is not None and o.busy_until_s - self.lead_s > now]
+        return min(times) if times else None
+
+    def pick(self, now: float) -> str | None:
+        """The worker for the next batch: most idle lanes first (spread the load; an idle lane
+        starts at once), then the one that got a batch least recently."""
+        best: tuple[int, float, str] | None = None
+        for wid, w in self._workers.items():
+            if w.free(now, self.lead_s) <= 0:
+                continue
+            key = (-w.idle(), w.last_dispatch_s, wid)
+            if best is None or key < best:
+                best = key
+        return None if best is None else best[2]
+
+    def dispatched(self, worker_id: str, batch_id: str, now: float, predict_s: float) -> None:
+        """A batch went to `worker_id`; its predict should start after the lead, or when the
+        lane it waits for is expected free, and hold that lane for `predict_s`."""
+        w = self._workers[worker_id]
+        ready = now + self.lead_s
+        ends = sorted(o.busy_until_s for o in w.outstanding.values()
+                       if o.busy_until_s is not None and o.busy_until_s > ready)
+        start = ready if len(ends) < w.lanes else ends[len(ends) - w.lanes]
+        w.outstanding[batch_id] = Outstanding(batch_id, now, start + predict_s)
+        w.last_dispatch_s = now
+
+    def reported(self, worker_id: str, batch_id: str) -> Outstanding | None:
+        """The worker reported the batch's predict over; returns what was outstanding."""
+        w = self._workers.get(worker_id)
+        return None if w is None else w.outstanding.pop(batch_id, None)
+
+    def holder(self, batch_id: str) -> str | None:
+        for wid, w in self._workers.items():
+            if batch_id in w.outstanding:
+                return wid
+        return None
