@@ -70,9 +70,9 @@ class Procs:
         return self.start(f"worker-{model}-{index}", "workers", "--model", model,
                           "--index", str(index), WORKER_INDEX=str(index))
 
-    def gateway(self) -> str:
+    def gateway(self, **env: str) -> str:
         port = free_port()
-        self.start(f"gateway-{port}", "gateway", ASYNCINFER_GATEWAY_PORT=str(port))
+        self.start(f"gateway-{port}", "gateway", ASYNCINFER_GATEWAY_PORT=str(port), **env)
         assert wait_port("127.0.0.1", port, 30), self.logs()
         return f"http://127.0.0.1:{port}"
 
