@@ -107,8 +107,8 @@ async def test_takeover_claims_what_nobody_alive_holds_and_deletes_gone_consumer
     # entries[5] stays with the old batcher. The live worker beats; b3 it stopped refreshing.
     await redis.set(keys.alive(MODEL, "alive"), "ready", px=3000)
     s = entries[4].stream
-    await redis.execute_command("XCLAIM", s, keys.BATCHER_GROUP, keys.worker_consumer("alive"),
-                                0, entries[4].entry_id, "IDLE", STALE_MS + 1, "JUSTID")
+    await redis.xclaim(s, keys.BATCHER_GROUP, keys.worker_consumer("alive"), 0,
+                       [entries[4].entry_id], idle=STALE_MS + 1, justid=True)
     await redis.delete(keys.lease(MODEL))
     lease = Lease(redis, MODEL, "b-new", ttl_s=5)
     assert await lease.acquire()
@@ -128,8 +128,8 @@ async def test_refresh_keeps_owned_entries_fresh_and_never_takes_one_back(
     held.add("b1", [f"{e.priority}/{e.entry_id}" for e in entries])
     s = entries[0].stream
     for e in entries:
-        await redis.execute_command("XCLAIM", s, keys.BATCHER_GROUP, "w:w1", 0, e.entry_id,
-                                    "IDLE", 50_000, "JUSTID")
+        await redis.xclaim(s, keys.BATCHER_GROUP, "w:w1", 0, [e.entry_id], idle=50_000,
+                           justid=True)
     # The second entry was taken back meanwhile (the worker was presumed dead).
     await redis.xclaim(s, keys.BATCHER_GROUP, "b-one", 0, [entries[1].entry_id], justid=True)
     await held.refresh()
