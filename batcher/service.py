@@ -277,7 +277,10 @@ class ModelBatcher:
         """Claim what nobody alive holds, and sort it: back to the queue, suspects, or done."""
         self.timers.next_takeover_s = self.clock() + TAKEOVER_EVERY_S
         claimed = await self.dispatcher.takeover()
-        dead = set(dead or ()) | {c.worker_id for c in claimed if c.worker_id}
+        # Workers whose entries were claimed and who are not live (a live worker only loses
+        # the entries it stopped refreshing: a batch it gave up on).
+        dead = set(dead or ()) | {c.worker_id for c in claimed
+                                  if c.worker_id and c.worker_id not in self.capacity}
         flights = [f for f in self.flights.values() if f.worker in dead]
         for worker in dead:
             flights += self.timers.lost.pop(worker, [])
