@@ -33,7 +33,7 @@ async def model_info(redis: aioredis.Redis, spec: ModelSpec) -> dict[str, Any]:
                      "batch_timeout_s": o.batch_timeout_s, "max_queue": o.max_queue},
         "scaling": {"concurrency_target": o.concurrency_target, "min_workers": o.min_workers,
                     "max_workers": o.max_workers, "scale_down_delay_s": o.scale_down_delay_s},
-        "workers": [{k: w.get(k) for k in ("name", "index", "device", "state", "slots", "busy")}
+        "workers": [{k: w.get(k) for k in ("name", "index", "device", "state", "lanes", "busy")}
                     for w in workers],
         "queue_depth": int(sum(lens)),
         "a": state.get("a_s"),
