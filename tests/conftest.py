@@ -31,9 +31,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def settings(redis_server: RedisServer) -> Settings:
     redis.Redis.from_url(redis_server.url).flushall()
+    # fault_injection: the tests drive failures through the synthetic model's fault hooks.
     return Settings(redis_url=redis_server.url, models=MODELS, devices="cpu:2",
                     reclaim_idle_s=6, lease_ttl_s=2, heartbeat_interval_s=0.5,
-                    max_body_bytes=64 * 1024)
+                    max_body_bytes=64 * 1024, fault_injection=True)
 
 
 def env_of(settings: Settings) -> dict[str, str]:
@@ -44,6 +45,8 @@ def env_of(settings: Settings) -> dict[str, str]:
            "ASYNCINFER_LEASE_TTL_S": str(settings.lease_ttl_s),
            "ASYNCINFER_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
            "ASYNCINFER_MAX_ATTEMPTS": str(settings.max_attempts),
+           "ASYNCINFER_MAX_BODY_BYTES": str(settings.max_body_bytes),
+           "ASYNCINFER_FAULT_INJECTION": str(settings.fault_injection).lower(),
            "ASYNCINFER_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
     return env
 

@@ -94,5 +94,7 @@ def test_non_finite_numbers_are_422(api: TestClient) -> None:
 
 def test_openapi_schema_lists_the_contract_paths(api: TestClient) -> None:
     paths = set(api.get("/openapi.json").json()["paths"])
-    assert {"/v1/models/{model}/jobs", "/v1/models/{model}/jobs:batch", "/v1/jobs/{job_id}",
-            "/v1/models", "/v1/models/{model}", "/healthz", "/readyz", "/metrics"} <= paths
+    # Submits are described per served model, each with that model's input schema.
+    assert {"/v1/models/synthetic/jobs", "/v1/models/synthetic/jobs:batch", "/v1/models/mlp/jobs",
+            "/v1/jobs/{job_id}", "/v1/models", "/v1/models/{model}", "/healthz", "/readyz",
+            "/metrics"} <= paths

@@ -11,14 +11,20 @@ import redis
 from redis import exceptions as rx
 
 from shared.muxredis import MuxRedis
+from shared.redisconn import connect_mux
 from shared.redisserver import RedisServer
+from shared.settings import Settings
+
+
+def mux_of(url: str, timeout_s: float) -> MuxRedis:
+    return connect_mux(Settings(redis_url=url, redis_timeout_s=timeout_s))
 
 
 async def test_concurrent_callers_each_get_their_own_reply_over_one_connection(
         redis_server: RedisServer) -> None:
     plain = redis.Redis.from_url(redis_server.url)
     before = int(plain.info("clients")["connected_clients"])
-    mux = MuxRedis(redis_server.url, timeout_s=5)
+    mux = mux_of(redis_server.url, 5)
     try:
         await asyncio.gather(*(mux.execute("SET", f"mux:{i}", i) for i in range(500)))
         values = await asyncio.gather(*(mux.execute("GET", f"mux:{i}") for i in range(500)))
@@ -30,7 +36,7 @@ async def test_concurrent_callers_each_get_their_own_reply_over_one_connection(
 
 
 async def test_an_error_reply_fails_only_its_caller(redis_server: RedisServer) -> None:
-    mux = MuxRedis(redis_server.url, timeout_s=5)
+    mux = mux_of(redis_server.url, 5)
     try:
         await mux.execute("SET", "mux:str", "x")
         replies: list[object] = await asyncio.gather(
@@ -51,7 +57,7 @@ async def test_a_script_is_loaded_again_after_a_flush(redis_server: RedisServer)
     sha = str(plain.script_load(source))
     plain.script_flush()
     plain.close()
-    mux = MuxRedis(redis_server.url, timeout_s=5)
+    mux = mux_of(redis_server.url, 5)
     try:
         assert await mux.evalsha(sha, source, ["k"], ["v"]) == "vk"
     finally:
@@ -60,7 +66,7 @@ async def test_a_script_is_loaded_again_after_a_flush(redis_server: RedisServer)
 
 async def test_the_selected_database_is_used(redis_server: RedisServer) -> None:
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
-    mux = MuxRedis(url, timeout_s=5)
+    mux = mux_of(url, 5)
     try:
         await mux.execute("SET", "mux:db", "three")
     finally:
@@ -73,7 +79,7 @@ async def test_the_selected_database_is_used(redis_server: RedisServer) -> None:
 async def test_commands_fail_while_redis_is_down_and_work_after_its_restart(
         tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "r").start()
-    mux = MuxRedis(server.url, timeout_s=2)
+    mux = mux_of(server.url, 2)
     try:
         assert await mux.execute("PING") == "PONG"
         server.kill()
@@ -99,7 +105,7 @@ async def test_a_silent_server_times_out_every_waiting_command() -> None:
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    mux = MuxRedis(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+    mux = mux_of(f"redis://127.0.0.1:{port}/0", 0.3)
     try:
         loop = asyncio.get_running_loop()
         started = loop.time()
