@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 from starlette.requests import ClientDisconnect, Request
 
 from shared.errors import InvalidInput, PayloadTooLarge
@@ -24,7 +24,7 @@ MAX_TTL_S = 7 * 86_400
 class Envelope(BaseModel):
     """Fields shared by single and batch submits."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     priority: Literal["high", "normal", "low"] = "normal"
     ttl_s: float | None = Field(None, gt=0, le=MAX_TTL_S)
@@ -133,10 +133,13 @@ def validate_input(spec: ModelSpec, value: Any, where: tuple[Any, ...],
     """Validate one input against the model's schema; returns it encoded once for the queue.
     A fault hook set to anything but its default is refused unless `faults` is on."""
     cls = spec.cls.Input
-    try:
-        item = cls.model_validate(value)
-    except ValidationError as exc:
-        raise invalid(exc, where) from exc
+    try:  # strict: a bool or a numeric string is no number, as the published schema says
+        item = cls.model_validate(value, strict=True)
+    except ValidationError:
+        try:  # JSON's strict mode still takes the JSON forms of dates, enums, UUIDs
+            item = cls.model_validate_json(to_json(value), strict=True)
+        except ValidationError as exc:
+            raise invalid(exc, where) from exc
     if not faults:
         for name in fault_hooks(cls):
             if getattr(item, name) != cls.model_fields[name].default:
@@ -172,7 +175,7 @@ def prefer_wait_s(header: str | None, cap_s: float) -> float:
 
 def query_wait_s(raw: str | None, cap_s: float) -> float:
     """`?wait=N` seconds for a long-poll, clamped to [0, cap]; 422 when not a number."""
-    if raw is None or raw == "":
+    if raw is None:
         return 0.0
     try:
         value = float(raw)

@@ -58,18 +58,19 @@ def _responses(ok: dict[str, dict[str, Any]], *errors: str) -> dict[str, Any]:
 
 
 _JOB_ID = _param("job_id", "path", {"type": "string"}, "job id", required=True)
-_LINKS = {"GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/id"}},
-          "CancelJob": {"operationId": "cancel_job",
-                        "parameters": {"job_id": "$response.body#/id"}}}
+# No link to the cancel: DELETE cancels and the job stays readable (status `canceled`), which a
+# stateful tester following the link would take for a deleted resource still being served.
+_LINKS = {"GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/id"}}}
 
 
 def _envelope(settings: Settings) -> dict[str, Any]:
     props: dict[str, Any] = {
         "priority": {"enum": ["high", "normal", "low"], "default": "normal"},
-        "ttl_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL_S,
+        "ttl_s": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_TTL_S,
                   "description": "seconds the job may wait queued before it expires"}}
     if settings.webhook_secret.strip():  # without a secret webhooks are refused
-        props["webhook"] = {"type": "string", "maxLength": 2048, "pattern": "^https?://",
+        props["webhook"] = {"type": ["string", "null"], "maxLength": 2048,
+                            "pattern": "^https?://",
                             "description": "POSTed the final job (Standard Webhooks signed); "
                             "private, loopback and link-local targets are refused unless "
                             "allow-listed"}

@@ -73,8 +73,12 @@ class Procs:
                           "--index", str(index), WORKER_INDEX=str(index))
 
     def gateway(self) -> str:
+        return self.gateway_with()
+
+    def gateway_with(self, **env: str) -> str:
+        """A gateway process (uvicorn) on a free port, settings overridden by `env`."""
         port = free_port()
-        self.start(f"gateway-{port}", "gateway", ASYNCINFER_GATEWAY_PORT=str(port))
+        self.start(f"gateway-{port}", "gateway", ASYNCINFER_GATEWAY_PORT=str(port), **env)
         assert wait_port("127.0.0.1", port, 30), self.logs()
         return f"http://127.0.0.1:{port}"
 
