@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import sys
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -50,6 +51,7 @@ DRAIN_MAX_S = 10.0
 # three or more digits, or 300 or more digits in a row. Only bodies with one are searched.
 _MAYBE_HUGE = re.compile(rb"[eE][+]?0*[1-9][0-9]{2,}|[0-9]{300,}")
 _UTF8_BOM = b"\xef\xbb\xbf"
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 async def discard(chunks: AsyncIterator[bytes]) -> bool:
@@ -97,9 +99,13 @@ def parse_json(raw: bytes) -> Any:
 
 
 def _has_infinity(value: Any) -> bool:
-    """Whether an overflowed float hides in `value` (depth is bounded by the parser's 200)."""
+    """Whether a number beyond a 64-bit float's range hides in `value`: an overflowed float, or
+    an integer a float field would turn into one (RFC 8259 §6: not interoperable anyway).
+    Depth is bounded by the parser's 200."""
     if isinstance(value, float):
         return math.isinf(value)
+    if isinstance(value, int):
+        return abs(value) > _FLOAT_MAX
     if isinstance(value, dict):
         return any(_has_infinity(v) for v in value.values())
     if isinstance(value, list):

@@ -53,7 +53,8 @@ for i = 0, n - 1 do
     'owner', ARGV[base + 6], 'webhook', ARGV[base + 7], 'stream', skey, 'entry', entry,
     'attempts', 0)
   redis.call('PEXPIREAT', jkey, tonumber(expires) + tonumber(ARGV[2]))
-  if okey ~= '' then redis.call('ZADD', okey, expires, id) end
+  -- i/1000 ms keeps a batch's jobs in submit order among equal deadlines (the prune's order)
+  if okey ~= '' then redis.call('ZADD', okey, tonumber(expires) + i / 1000, id) end
   last = math.max(last, tonumber(expires))
   ids[#ids + 1] = id
 end

@@ -39,7 +39,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Accepted API keys as sha256 hex digests; empty turns authentication off.",
     )
-    idempotency_ttl_s: int = 86_400
+    idempotency_ttl_s: int = Field(
+        3600, description="How long an Idempotency-Key is remembered; never longer than the jobs "
+        "it names stay readable (result_ttl_s), so a replay always finds them.")
 
     devices: str = Field(
         "auto",

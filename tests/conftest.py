@@ -28,13 +28,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture
-def settings(redis_server: RedisServer) -> Settings:
-    redis.Redis.from_url(redis_server.url).flushall()
+def test_settings(redis_server: RedisServer) -> Settings:
     # fault_injection: the tests drive failures through the synthetic model's fault hooks.
     return Settings(redis_url=redis_server.url, models=MODELS, devices="cpu:2",
                     reclaim_idle_s=6, lease_ttl_s=2, heartbeat_interval_s=0.5,
                     max_body_bytes=64 * 1024, fault_injection=True)
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer) -> Settings:
+    redis.Redis.from_url(redis_server.url).flushall()
+    return test_settings(redis_server)
 
 
 def env_of(settings: Settings) -> dict[str, str]:
@@ -107,6 +111,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if rep.when == "call":  # type: ignore[attr-defined]
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
+
+
+@pytest.fixture(scope="module")
+def procs_module(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Procs]:
+    """Processes that live for a whole module (the test settings)."""
+    p = Procs(test_settings(redis_server), tmp_path_factory.mktemp("logs"))
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture(scope="module")
+def uvicorn_gateway(procs_module: Procs) -> str:
+    """A real gateway process (uvicorn) with the test settings, for a whole module."""
+    return procs_module.gateway()
 
 
 @pytest.fixture

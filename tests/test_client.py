@@ -120,6 +120,16 @@ def test_503_is_retried_after_the_servers_retry_after() -> None:
     assert took >= 1.0  # it waited out Retry-After: 1 before the second try
 
 
+def test_every_submit_has_an_idempotency_key_its_retries_repeat() -> None:
+    with Receiver([503, 202, 202], headers={"retry-after": "0"}, reply=lambda _: JOB) as rx:
+        client = Client(rx.url.removesuffix("/hook"), max_retries=2)
+        client.submit("synthetic", {"x": 1})  # answered 503, then 202 on the retry
+        client.submit("synthetic", {"x": 1})
+    keys = [h.headers.get("idempotency-key") for h in rx.hits]
+    assert len(keys) == 3 and all(keys)
+    assert keys[0] == keys[1] != keys[2]  # one key per call, the same on its retry
+
+
 def test_429_retries_are_bounded_then_raise() -> None:
     with Receiver([429], headers={"retry-after": "0"}) as rx, pytest.raises(ApiError) as exc:
         Client(rx.url.removesuffix("/hook"), max_retries=2).submit("m", {"x": 1})
