@@ -79,7 +79,8 @@ async def in_process(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     specs = load_specs(MODELS)
     synthetic = specs["synthetic"]
     specs["synthetic"] = synthetic.model_copy(
-        update={"options": synthetic.options.model_copy(update={"max_queue": 2})})
+        update={"options": synthetic.options.model_copy(
+            update={"max_queue": 2, "max_queue_per_key": 2})})
     keys = [hashlib.sha256(k.encode()).hexdigest() for k in ("key-a", "key-b")]
     app = create_app(settings.model_copy(update={"api_keys": keys}), specs)
     transport = httpx.ASGITransport(app=app)

@@ -118,7 +118,7 @@ async def test_idempotency_is_scoped_to_the_model_and_hashed_not_truncated(
     longer = await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 2}},
                               headers={**h, "Idempotency-Key": "k" * 300 + "2"})
     assert longer.status_code == 202 and longer.json()["id"] != first.json()["id"]
-    names = [k.decode() for k in redis.Redis.from_url(settings.redis_url).keys("ai:idem:*")]
+    names = redis.Redis.from_url(settings.redis_url, decode_responses=True).keys("ai:idem:*")
     assert len(names) == 3 and not any("kkkk" in n for n in names)  # digests, not the keys
 
 
