@@ -168,6 +168,11 @@ class MuxRedis:
             self._protocol = None
             self._pending.clear()
             transport.abort()
+            for fut in futures:  # the replies after the failing one are of no interest
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
+                else:
+                    fut.cancel()
             raise
         self._transport = transport
 
