@@ -52,6 +52,8 @@ def env_of(settings: Settings) -> dict[str, str]:
            "ASYNCINFER_MAX_BODY_BYTES": str(settings.max_body_bytes),
            "ASYNCINFER_FAULT_INJECTION": str(settings.fault_injection).lower(),
            "ASYNCINFER_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    if settings.redis_tls_ca_file:
+        env["ASYNCINFER_REDIS_TLS_CA_FILE"] = settings.redis_tls_ca_file
     return env
 
 
