@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import redis
 import standardwebhooks
 
 from gateway.app import create_app
+from gateway.webhook_targets import TargetPolicy
 from gateway.webhooks import signed_headers, verify_signature
 from shared import keys
 from shared.redisconn import connect
@@ -225,3 +227,85 @@ def test_signature_helper_round_trips_and_signs_with_every_secret() -> None:
     for secret in (new, old):
         assert verify_signature(secret, headers, body.decode(), now=1_700_000_100)
     assert not verify_signature(new, headers, body, tolerance_s=10, now=1_700_000_100)
+
+
+@pytest.fixture
+def unlisted(settings: Settings) -> Settings:
+    """The default address policy: nothing allow-listed."""
+    return settings.model_copy(update={"webhook_allow": []})
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/hook", "http://localhost/hook", "http://app.localhost/x",
+    "http://169.254.169.254/latest/meta-data", "http://[fd00:ec2::254]/", "http://10.0.0.7/",
+    "http://192.168.1.1/", "http://172.16.0.1/", "http://100.100.100.200/", "http://[::1]/",
+    "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/", "http://224.0.0.1/", "ftp://example.com/",
+    "http:///nohost"])
+async def test_private_loopback_and_metadata_targets_are_422_at_submit(
+        unlisted: Settings, url: str) -> None:
+    app = create_app(unlisted)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        r = await c.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}, "webhook": url})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "webhook", r.text
+
+
+async def test_webhooks_are_refused_without_a_secret(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"webhook_secret": ""}))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        r = await c.post("/v1/models/synthetic/jobs",
+                         json={"input": {"x": 1}, "webhook": "https://example.com/hook"})
+    assert r.status_code == 422 and "SECRET" in r.json()["error"]["message"]
+
+
+async def test_a_name_that_rebinds_to_loopback_after_submit_is_refused_at_connect(
+        unlisted: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """DNS rebinding: the name resolves to a public address when the submit is checked, then to
+    the receiver on 127.0.0.1 when the deliverer connects. The connection is never made."""
+    answers = iter(["93.184.216.34"])
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        return [next(answers, "127.0.0.1")]
+
+    with Receiver([200]) as rx:
+        port = rx.server.server_address[1]
+        app = create_app(unlisted, targets=TargetPolicy([], resolver=rebinding))
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            with caplog.at_level(logging.INFO, logger="gateway.webhooks"):
+                job_id = await finished_job(c, unlisted, f"http://hooks.example:{port}/hook")
+                await until(drained(unlisted), 10, "the webhook to be given up")
+    assert rx.hits == []
+    # Refused for good at the first attempt (no retry can change an address policy).
+    r = redis.Redis.from_url(unlisted.redis_url, decode_responses=True)
+    assert r.hget(keys.webhook_delivery(job_id), "attempts") == "1"
+    assert any("resolves to 127.0.0.1, a loopback address" in rec.getMessage()
+               for rec in caplog.records)
+
+
+async def test_an_allow_listed_name_may_resolve_to_a_private_address(
+        settings: Settings) -> None:
+    async def internal(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    policy = TargetPolicy(["hooks.internal"], resolver=internal)
+    with Receiver([200]) as rx:
+        port = rx.server.server_address[1]
+        app = create_app(settings, targets=policy)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            await finished_job(c, settings, f"http://hooks.internal:{port}/hook")
+            await until(drained(settings), 10, "the webhook to be delivered")
+    assert len(rx.hits) == 1
+
+
+def test_the_address_policy() -> None:
+    policy = TargetPolicy(["10.1.0.0/16"])
+    assert policy.address_refused("93.184.216.34") is None
+    assert policy.address_refused("2606:4700:4700::1111") is None
+    assert policy.address_refused("10.1.2.3") is None  # allow-listed
+    for address in ("10.2.0.1", "127.0.0.1", "169.254.169.254", "fe80::1", "::1", "fc00::1",
+                    "::ffff:10.2.0.1", "64:ff9b::a9fe:a9fe", "100.64.0.1", "0.0.0.0",
+                    "255.255.255.255", "192.0.2.1"):
+        assert policy.address_refused(address) is not None, address
