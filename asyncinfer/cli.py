@@ -1,6 +1,7 @@
 """The `asyncinfer` command line: start the stack on this machine, or talk to a running one.
 
     asyncinfer up
+    asyncinfer secrets > .env          # fresh secrets for docker compose
     echo '{"x": 21}' | asyncinfer submit synthetic - --wait 10
     asyncinfer get JOB_ID --wait 30
     asyncinfer cancel JOB_ID
@@ -124,6 +125,14 @@ def _up(args: argparse.Namespace) -> int:
     return up(settings, Path(args.state_dir).resolve(), with_flower=not args.no_flower)
 
 
+def _secrets(args: argparse.Namespace) -> int:
+    from asyncinfer.secrets import new_password, new_webhook_secret
+
+    print(f"ASYNCINFER_WEBHOOK_SECRET={new_webhook_secret()}")
+    print(f"FLOWER_PASSWORD={new_password()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="asyncinfer", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=".asyncinfer", help="Redis data and logs")
     p.add_argument("--no-flower", action="store_true", help="do not start Flower")
     p.set_defaults(func=_up)
+
+    p = sub.add_parser("secrets", help="print fresh secrets as .env lines (for docker compose)")
+    p.set_defaults(func=_secrets)
 
     remote = _Parser(add_help=False)
     remote.add_argument("--url", default=None,

@@ -17,6 +17,7 @@ import email.utils
 import itertools
 import os
 import time
+import uuid
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypedDict, TypeVar, Unpack
@@ -66,7 +67,8 @@ class ModelInfo(BaseModel):
 
 class SubmitOptions(TypedDict, total=False):
     """Submit options; a repeated submit with the same idempotency key and body returns the
-    first job instead of queueing a second."""
+    first job instead of queueing a second. Without one the client makes a key per call, so its
+    own retries (after a 503 or 429) never queue a job twice."""
 
     priority: Literal["high", "normal", "low"]
     ttl_s: float
@@ -164,9 +166,10 @@ class _Core:
 
     def post_jobs(self, path: str, body: dict[str, Any], options: SubmitOptions,
                   wait_s: float | None = None) -> _Call[Any]:
-        """A submit: the options go in the body, but the idempotency key is a header."""
-        key = options.get("idempotency_key")
-        headers = {"idempotency-key": key} if key else {}
+        """A submit: the options go in the body, but the idempotency key is a header. Every
+        submit has one (the caller's, else a fresh one): the retries of `call` resend the same
+        request, so a submit whose answer was lost cannot create a second job."""
+        headers = {"idempotency-key": options.get("idempotency_key") or uuid.uuid4().hex}
         if wait_s:
             headers["prefer"] = f"wait={wait_s:.3f}"
         body |= {k: v for k, v in options.items() if k != "idempotency_key"}

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from asyncinfer.secrets import StackSecrets, ensure_secrets
+from shared.flower import flower_command
 from shared.procs import spawn, terminate, wait_port
+from shared.redisconn import redact
 from shared.redisserver import RedisServer
 from shared.settings import Settings
 
@@ -31,34 +34,35 @@ class Stack:
     with_flower: bool = True
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis: RedisServer | None = None
+    secrets: StackSecrets | None = None
 
     def start(self) -> None:
         if "ASYNCINFER_REDIS_URL" not in os.environ:
             self.redis = RedisServer(self.state_dir / "redis").start()
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.url})
+        self.secrets = ensure_secrets(self.state_dir, self.settings)
+        self.settings = self.settings.model_copy(update=self.secrets.settings_update())
         env = {"ASYNCINFER_REDIS_URL": self.settings.redis_url,
-               "ASYNCINFER_LOG_DIR": str(self.state_dir / "logs")}
+               "ASYNCINFER_LOG_DIR": str(self.state_dir / "logs"), **self.secrets.values}
         logs = self.state_dir / "logs"
         self.procs["gateway"] = spawn(["-m", "gateway"], env, logs / "gateway.log")
         self.procs["batcher"] = spawn(["-m", "batcher"], env, logs / "batcher.log")
         self.procs["autoscaler"] = spawn(["-m", "workers.autoscaler"], env,
                                          logs / "autoscaler.log")
         if self.with_flower:
-            s = self.settings
-            self.procs["flower"] = spawn([
-                sys.executable, "-m", "celery", f"--broker={s.redis_url}", "flower",
-                f"--port={s.flower_port}", "--address=127.0.0.1",
-                f"--basic_auth={s.flower_user}:{s.flower_password}", "--purge_offline_workers=60",
-            ], env, logs / "flower.log")
+            args, credentials = flower_command(self.settings)
+            self.procs["flower"] = spawn(args, {**env, **credentials}, logs / "flower.log")
         if not wait_port(self.settings.gateway_host, self.settings.gateway_port, 60):
             raise RuntimeError(f"gateway did not start; see {logs / 'gateway.log'}")
 
     def urls(self) -> dict[str, str]:
         s = self.settings
         out = {"gateway": f"http://{s.gateway_host}:{s.gateway_port}",
-               "redis": s.redis_url, "logs": str(self.state_dir / "logs")}
+               "redis": redact(s.redis_url), "logs": str(self.state_dir / "logs")}
         if self.with_flower:
-            out["flower"] = f"http://127.0.0.1:{s.flower_port} ({s.flower_user}/***)"
+            where = self.secrets.path if self.secrets else "ASYNCINFER_FLOWER_PASSWORD"
+            out["flower"] = (f"http://127.0.0.1:{s.flower_port} (user {s.flower_user}, "
+                             f"password in {where})")
         return out
 
     def crashed(self) -> list[str]:
@@ -90,6 +94,10 @@ def up(settings: Settings, state_dir: Path, with_flower: bool = True) -> int:
         print("asyncinfer is up:", flush=True)
         for name, url in stack.urls().items():
             print(f"  {name:<8} {url}", flush=True)
+        if stack.secrets is not None and stack.secrets.created:
+            print(f"New secrets, shown this once (kept in {stack.secrets.path}):", flush=True)
+            for name, value in stack.secrets.created.items():
+                print(f"  {name}={value}", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while not stopping:
             dead = stack.crashed()

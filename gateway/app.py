@@ -20,15 +20,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import inputs
 from gateway.auth import ApiKeys
 from gateway.metrics import GatewayMetrics
-from gateway.openapi import document_lean_routes
+from gateway.middleware import GatewayMiddleware, owner_of
+from gateway.openapi import document_routes
 from gateway.views import model_info
 from gateway.waiters import CompletionWaiters
+from gateway.webhook_targets import TargetPolicy
 from gateway.webhooks import READ_BLOCK_S, WebhookDeliverer
 from shared.errors import AsyncInferError, InvalidInput, NotFound, QueueFull, Unavailable
 from shared.jobs import FINAL_STATUSES, Job, JobMetrics, iso, new_job_id
 from shared.modelspec import ModelSpec, load_specs
-from shared.muxredis import MuxRedis
-from shared.redisconn import connect
+from shared.redisconn import connect, connect_mux
 from shared.settings import Settings
 from shared.store import JobStore, body_hash
 
@@ -43,27 +44,37 @@ class Deps:
     waiters: CompletionWaiters
     keys: ApiKeys
     metrics: GatewayMetrics
+    targets: TargetPolicy
 
 
-def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) -> FastAPI:
-    """Build the app; Redis connections open in its lifespan."""
+def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
+               targets: TargetPolicy | None = None) -> FastAPI:
+    """Build the app; Redis connections open in its lifespan. `targets` is the webhook address
+    policy (default: from the settings)."""
     specs = specs if specs is not None else load_specs(settings.models)
+    targets = targets or TargetPolicy(settings.webhook_allow)
+    keys = ApiKeys(settings.api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = connect(settings)
-        mux = MuxRedis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        mux = connect_mux(settings)
         store = JobStore(redis, result_ttl_s=settings.result_ttl_s, job_ttl_s=settings.job_ttl_s,
                          idempotency_ttl_s=settings.idempotency_ttl_s,
                          max_attempts=settings.max_attempts, mux=mux)
-        webhooks = WebhookDeliverer(connect(settings, block_s=READ_BLOCK_S), settings)
+        webhooks = WebhookDeliverer(connect(settings, block_s=READ_BLOCK_S), settings, targets)
         webhooks.start()
         waiters = CompletionWaiters(connect(settings, block_s=3600))
         waiters.start()
-        app.state.deps = Deps(settings, specs, store, waiters, ApiKeys(settings.api_keys),
-                              GatewayMetrics(redis, specs))
-        log.info("gateway started models=%s auth=%s", ",".join(specs),
-                 app.state.deps.keys.enabled)
+        app.state.deps = Deps(settings, specs, store, waiters, keys, GatewayMetrics(redis, specs),
+                              targets)
+        log.info("gateway started models=%s auth=%s webhooks=%s fault_injection=%s",
+                 ",".join(specs), keys.enabled, bool(settings.webhook_secret.strip()),
+                 settings.fault_injection)
+        if store.idempotency_ttl_ms < settings.idempotency_ttl_s * 1000:
+            log.warning("idempotency keys live %d s, not idempotency_ttl_s=%d: no longer than "
+                        "the jobs they name (result_ttl_s)", store.idempotency_ttl_ms // 1000,
+                        settings.idempotency_ttl_s)
         yield
         await waiters.stop()
         await webhooks.stop()
@@ -74,7 +85,8 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
     # the per-request check for a tracer cost CPU on every request.
     app = FastAPI(title="asyncinfer", version="0.1.0", lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False})
-    document_lean_routes(app)
+    app.add_middleware(GatewayMiddleware, keys=keys, max_body_bytes=settings.max_body_bytes)
+    document_routes(app, specs, settings, keys.enabled)
 
     @app.exception_handler(AsyncInferError)
     async def _ours(_: Request, exc: AsyncInferError) -> JSONResponse:
@@ -86,11 +98,23 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
         return JSONResponse(err.body(), status_code=err.status, headers={"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Routing errors (no such path, wrong method) in the contract's error shape too.
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route matching the path
+            headers["Allow"] = ", ".join(_allowed(request.url.path))
         return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}},
-                            status_code=exc.status_code, headers=exc.headers)
+                            status_code=exc.status_code, headers=headers)
+
+    def _allowed(path: str) -> list[str]:
+        methods: set[str] = set()
+        for route in app.routes:
+            regex, route_methods = getattr(route, "path_regex", None), getattr(
+                route, "methods", None)
+            if regex is not None and route_methods and regex.match(path):
+                methods |= route_methods
+        return sorted(methods)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -112,7 +136,7 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
                      batch: bool) -> tuple[Deps, list[Job], str]:
         """Validate and enqueue; returns the deps, the jobs and the caller's owner id."""
         d = deps(request)
-        owner = d.keys.owner(request.headers.get("authorization"))
+        owner = owner_of(request)
         spec = spec_of(d, model)
         started = time.monotonic()
         raw = await inputs.read_body(request, d.settings.max_body_bytes)
@@ -124,15 +148,22 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
         else:
             env = inputs.envelope(body, inputs.SubmitBody)
             items = [(("input",), env.input)]
-        jobs = inputs.new_jobs(spec, items, env)
+        jobs = inputs.new_jobs(spec, items, env, d.settings.fault_injection)
+        if env.webhook is not None:
+            if not d.settings.webhook_secret.strip():
+                raise InvalidInput("webhook: webhooks are off in this deployment (no "
+                                   "ASYNCINFER_WEBHOOK_SECRET)", field="webhook")
+            await d.targets.check_url(env.webhook)
         idem = request.headers.get("idempotency-key")
         ids = [new_job_id() for _ in jobs]
         d.waiters.note_submitted(ids)
+        o = spec.options
         try:
-            done = await d.store.submit(model, jobs, owner=owner, ids=ids,
-                                        max_queue=spec.options.max_queue,
-                                        idempotency_key=idem[:200] if idem else None,
-                                        request_hash=body_hash(raw) if idem else "")
+            done = await d.store.submit(
+                model, jobs, owner=owner, ids=ids, max_queue=o.max_queue,
+                max_queue_per_key=(o.max_queue_per_key or max(1, o.max_queue // 2))
+                if owner else 0,
+                idempotency_key=idem, request_hash=body_hash(raw) if idem else "")
         except QueueFull as exc:
             raise await _queue_full(d, model, exc) from None
         d.metrics.submitted(model, len(jobs), time.monotonic() - started)
@@ -143,16 +174,19 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
                        created_at=created, metrics=JobMetrics()) for i in done.ids], owner
 
     async def _queue_full(d: Deps, model: str, exc: QueueFull) -> QueueFull:
-        """429 whose Retry-After is the time the backlog needs to drain at the current rate."""
+        """429 whose Retry-After is the time the backlog (the model's, or the API key's share
+        of it) needs to drain to half its limit at the current rate."""
         info = await model_info(d.store.redis, d.specs[model])
         rate = float(info["batcher"].get("drain_rows_per_s") or 0.0)
-        excess = max(1, info["queue_depth"] - d.specs[model].options.max_queue // 2)
+        depth, limit = int(exc.detail["queue_depth"]), int(exc.detail["limit"])
+        excess = max(1, depth - limit // 2)
         retry = 5 if rate <= 0 else min(300, max(1, math.ceil(excess / rate)))
-        return QueueFull(exc.message, retry_after_s=retry, queue_depth=info["queue_depth"])
+        return QueueFull(exc.message, retry_after_s=retry, queue_depth=depth, limit=limit,
+                         scope=exc.detail["scope"])
 
-    def job_response(job: Job, status: int) -> Response:
+    def job_response(job: Job, status: int, located: bool = False) -> Response:
         return Response(to_json(job.public()), status_code=status, media_type="application/json",
-                        headers={"Location": f"/v1/jobs/{job.id}"})
+                        headers={"Location": f"/v1/jobs/{job.id}"} if located else None)
 
     async def submit_one(request: Request) -> Response:
         d, jobs, owner = await submit(request, request.path_params["model"], batch=False)
@@ -161,16 +195,16 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
         if wait_s > 0 and job.status not in FINAL_STATUSES:
             job = await d.waiters.wait(job.id, lambda: d.store.get(job.id, owner), wait_s,
                                        lambda f: JobStore.visible(job.id, f, owner))
-        return job_response(job, 200 if job.status in FINAL_STATUSES else 202)
+        return job_response(job, 200 if job.status in FINAL_STATUSES else 202, located=True)
 
-    @app.post("/v1/models/{model}/jobs:batch", status_code=202)
+    @app.post("/v1/models/{model}/jobs:batch", status_code=202, include_in_schema=False)
     async def submit_batch(model: str, request: Request) -> JSONResponse:
         _, jobs, _ = await submit(request, model, batch=True)
         return JSONResponse({"jobs": [j.public() for j in jobs]}, status_code=202)
 
     async def get_job(request: Request) -> Response:
         d = deps(request)
-        owner = d.keys.owner(request.headers.get("authorization"))
+        owner = owner_of(request)
         job_id: str = request.path_params["job_id"]
         wait = inputs.query_wait_s(request.query_params.get("wait"), d.settings.max_wait_s)
         if wait > 0:
@@ -187,29 +221,28 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
     app.add_route("/v1/models/{model}/jobs", submit_one, methods=["POST"])
     app.add_route("/v1/jobs/{job_id}", get_job, methods=["GET"])
 
-    @app.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", operation_id="cancel_job")
     async def cancel_job(job_id: str, request: Request) -> Response:
         d = deps(request)
-        owner = d.keys.owner(request.headers.get("authorization"))
-        return job_response(await d.store.cancel(job_id, owner), 200)
+        return job_response(await d.store.cancel(job_id, owner_of(request)), 200)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", operation_id="list_models")
     async def list_models(request: Request) -> dict[str, Any]:
         d = deps(request)
-        d.keys.owner(request.headers.get("authorization"))
-        return {"models": [await model_info(d.store.redis, s) for s in d.specs.values()]}
+        faults = d.settings.fault_injection
+        return {"models": [await model_info(d.store.redis, s, faults)
+                           for s in d.specs.values()]}
 
-    @app.get("/v1/models/{model}")
+    @app.get("/v1/models/{model}", operation_id="get_model")
     async def get_model(model: str, request: Request) -> dict[str, Any]:
         d = deps(request)
-        d.keys.owner(request.headers.get("authorization"))
-        return await model_info(d.store.redis, spec_of(d, model))
+        return await model_info(d.store.redis, spec_of(d, model), d.settings.fault_injection)
 
-    @app.get("/healthz")
+    @app.get("/healthz", operation_id="healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", operation_id="readyz")
     async def readyz(request: Request) -> JSONResponse:
         try:
             await deps(request).store.redis.ping()
@@ -218,7 +251,7 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None) ->
             return JSONResponse(err.body(), status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", operation_id="metrics")
     async def metrics(request: Request) -> Response:
         text = await deps(request).metrics.render()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

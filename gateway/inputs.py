@@ -3,16 +3,19 @@ schema. Every failure becomes a contract error (413/422) naming what was wrong."
 
 from __future__ import annotations
 
-import json
+import asyncio
 import math
 import re
+import sys
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import from_json
-from starlette.requests import Request
+from pydantic_core import from_json, to_json
+from starlette.requests import ClientDisconnect, Request
 
 from shared.errors import InvalidInput, PayloadTooLarge
+from shared.model import fault_hooks
 from shared.modelspec import ModelSpec
 from shared.store import NewJob
 
@@ -22,7 +25,7 @@ MAX_TTL_S = 7 * 86_400
 class Envelope(BaseModel):
     """Fields shared by single and batch submits."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     priority: Literal["high", "normal", "low"] = "normal"
     ttl_s: float | None = Field(None, gt=0, le=MAX_TTL_S)
@@ -37,38 +40,77 @@ class BatchBody(Envelope):
     inputs: list[Any] = Field(min_length=1, max_length=10_000)
 
 
+# A body over the limit is read and thrown away (up to these bounds) before the 413 is sent:
+# a client that writes its whole body before reading (urllib, requests) would otherwise see the
+# connection reset under its feet instead of the answer. Past the bounds the answer is sent and
+# the connection closed anyway.
+DRAIN_MAX_BYTES = 128 * 1024 * 1024
+DRAIN_MAX_S = 10.0
+
+# Numbers whose text can overflow a float (to inf, which JSON cannot carry): an exponent of
+# three or more digits, or 300 or more digits in a row. Only bodies with one are searched.
+_MAYBE_HUGE = re.compile(rb"[eE][+]?0*[1-9][0-9]{2,}|[0-9]{300,}")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_FLOAT_MAX = int(sys.float_info.max)
+
+
+async def discard(chunks: AsyncIterator[bytes]) -> bool:
+    """Read and drop what is left of a body within DRAIN_MAX_BYTES and DRAIN_MAX_S; True when
+    it was read to its end."""
+    size = 0
+    try:
+        async with asyncio.timeout(DRAIN_MAX_S):
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > DRAIN_MAX_BYTES:
+                    return False
+    except (TimeoutError, ClientDisconnect):
+        return False
+    return True
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (413) as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit}")
+    """The raw body, refusing (413) once it passes `limit` bytes. A body with a declared length
+    over the limit never gets here (gateway.middleware answers it)."""
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
+            await discard(stream)
             raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_json(raw: bytes) -> Any:
-    """The body's JSON, parsed once from the raw bytes. pydantic-core's parser gives the same
-    values as `json` several times faster (a 256-float input: ~15 µs instead of ~45 µs); what it
-    refuses (a BOM, a lone surrogate, UTF-16, invalid JSON) goes through `json`, which accepts
-    or rejects it exactly as before."""
+    """The body's JSON, parsed once from the raw bytes (UTF-8, as RFC 8259 requires; a leading
+    BOM is ignored). Nesting deeper than 200, lone surrogates, invalid UTF-8, NaN/Infinity and
+    numbers too large for a float are 422s, never a 500 or a value the worker cannot read."""
+    if raw.startswith(_UTF8_BOM):
+        raw = raw[3:]
     try:
-        return from_json(raw, allow_inf_nan=False)
-    except ValueError:
-        pass
-    try:
-        # NaN and Infinity are not JSON; they would also not survive the trip to the worker.
-        return json.loads(raw, parse_constant=_no_constants)
+        value = from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
-        raise InvalidInput(f"body is not valid JSON: {exc}", field="body") from exc
+        raise InvalidInput(f"body is not valid JSON: {exc}", field="body") from None
+    if _MAYBE_HUGE.search(raw) and _has_infinity(value):
+        raise InvalidInput("body holds a number too large for a 64-bit float", field="body")
+    return value
+
+
+def _has_infinity(value: Any) -> bool:
+    """Whether a number beyond a 64-bit float's range hides in `value`: an overflowed float, or
+    an integer a float field would turn into one (RFC 8259 §6: not interoperable anyway).
+    Depth is bounded by the parser's 200."""
+    if isinstance(value, float):
+        return math.isinf(value)
+    if isinstance(value, int):
+        return abs(value) > _FLOAT_MAX
+    if isinstance(value, dict):
+        return any(_has_infinity(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_infinity(v) for v in value)
+    return False
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -92,18 +134,40 @@ def envelope(body: Any, cls: type[Envelope]) -> Any:
         raise invalid(exc) from exc
 
 
-def validate_input(spec: ModelSpec, value: Any, where: tuple[Any, ...]) -> str:
-    """Validate one input against the model's schema; returns it encoded once for the queue."""
-    try:
-        return spec.cls.Input.model_validate(value).model_dump_json()
-    except ValidationError as exc:
-        raise invalid(exc, where) from exc
+def validate_input(spec: ModelSpec, value: Any, where: tuple[Any, ...],
+                   faults: bool = False) -> str:
+    """Validate one input against the model's schema; returns it encoded once for the queue.
+    A fault hook set to anything but its default is refused unless `faults` is on."""
+    cls = spec.cls.Input
+    try:  # strict: a bool or a numeric string is no number, as the published schema says
+        item = cls.model_validate(value, strict=True)
+    except ValidationError:
+        try:  # JSON's strict mode still takes the JSON forms of dates, enums, UUIDs
+            item = cls.model_validate_json(to_json(value), strict=True)
+        except ValidationError as exc:
+            raise invalid(exc, where) from exc
+    if not faults:
+        for name in fault_hooks(cls):
+            if getattr(item, name) != cls.model_fields[name].default:
+                field = _where((*where, name))
+                raise InvalidInput(f"{field}: fault hooks are off in this deployment "
+                                   "(ASYNCINFER_FAULT_INJECTION)", field=field)
+    return item.model_dump_json()
+
+
+def public_schema(schema: dict[str, Any], cls: type[BaseModel], faults: bool) -> dict[str, Any]:
+    """A model's input JSON schema as published: without its fault hooks unless they are on."""
+    hooks = fault_hooks(cls)
+    if faults or not hooks:
+        return schema
+    props = {k: v for k, v in schema.get("properties", {}).items() if k not in hooks}
+    return {**schema, "properties": props}
 
 
 def new_jobs(spec: ModelSpec, inputs: list[tuple[tuple[Any, ...], Any]],
-             env: Envelope) -> list[NewJob]:
-    return [NewJob(validate_input(spec, value, where), priority=env.priority, ttl_s=env.ttl_s,
-                   webhook=env.webhook) for where, value in inputs]
+             env: Envelope, faults: bool = False) -> list[NewJob]:
+    return [NewJob(validate_input(spec, value, where, faults), priority=env.priority,
+                   ttl_s=env.ttl_s, webhook=env.webhook) for where, value in inputs]
 
 
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)")
@@ -117,7 +181,7 @@ def prefer_wait_s(header: str | None, cap_s: float) -> float:
 
 def query_wait_s(raw: str | None, cap_s: float) -> float:
     """`?wait=N` seconds for a long-poll, clamped to [0, cap]; 422 when not a number."""
-    if raw is None or raw == "":
+    if raw is None:
         return 0.0
     try:
         value = float(raw)

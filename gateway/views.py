@@ -7,13 +7,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway.inputs import public_schema
 from shared import keys
 from shared.heartbeats import live_workers
 from shared.modelspec import ModelSpec
 
 
-async def model_info(redis: aioredis.Redis, spec: ModelSpec) -> dict[str, Any]:
-    """Name, schemas, batching and scaling config, live workers, queue depth, fitted a and b."""
+async def model_info(redis: aioredis.Redis, spec: ModelSpec,
+                     faults: bool = False) -> dict[str, Any]:
+    """Name, schemas, batching and scaling config, live workers, queue depth, fitted a and b.
+    The input schema shows the model's fault hooks only when `faults` (fault_injection) is on."""
     pipe = redis.pipeline(transaction=False)
     for stream in keys.streams(spec.name):
         pipe.xlen(stream)
@@ -26,11 +29,12 @@ async def model_info(redis: aioredis.Redis, spec: ModelSpec) -> dict[str, Any]:
     return {
         "name": spec.name,
         "class": spec.class_path,
-        "input_schema": spec.input_schema(),
+        "input_schema": public_schema(spec.input_schema(), spec.cls.Input, faults),
         "output_schema": spec.output_schema(),
         "batching": {"max_batch_size": o.max_batch_size, "max_latency_ms": o.max_latency_ms,
                      "on_overload": o.on_overload, "predict_concurrency": o.predict_concurrency,
-                     "batch_timeout_s": o.batch_timeout_s, "max_queue": o.max_queue},
+                     "batch_timeout_s": o.batch_timeout_s, "max_queue": o.max_queue,
+                     "max_queue_per_key": o.max_queue_per_key},
         "scaling": {"concurrency_target": o.concurrency_target, "min_workers": o.min_workers,
                     "max_workers": o.max_workers, "scale_down_delay_s": o.scale_down_delay_s},
         "workers": [{k: w.get(k) for k in ("name", "index", "device", "state", "lanes", "busy")}

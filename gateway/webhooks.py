@@ -4,13 +4,18 @@ FINISH and CANCEL (shared/scripts.py) append `{job: id}` to `keys.webhooks()` fo
 webhook. One `WebhookDeliverer` per gateway process reads it in a consumer group. An entry stays
 pending until delivered or given up; a dead deliverer's entries are reclaimed (XAUTOCLAIM), and
 as attempts and the next due time live in Redis, a reclaimed entry keeps its schedule. Delivery
-never touches the job record. Bodies are signed (Stripe-like): `X-Asyncinfer-Signature:
-t=<unix s>,v1=<hex HMAC-SHA256 of "<t>.<body>">`; receivers check it with `verify_signature`.
+never touches the job record. Bodies are signed as Standard Webhooks specifies
+(standardwebhooks.com): `webhook-id`, `webhook-timestamp` and `webhook-signature: v1,<base64
+HMAC-SHA256 of "<id>.<timestamp>.<body>">`, so receivers verify with any of its libraries (or
+`verify_signature` here). Every connection goes through the address policy
+(gateway.webhook_targets): no private, loopback or metadata targets unless allow-listed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -26,57 +31,76 @@ import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from gateway.webhook_targets import TargetPolicy, guarded_client, refused
 from shared import keys
 from shared.jobs import FINAL_STATUSES, from_hash, now_ms
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Asyncinfer-Signature"
 READ_BLOCK_S = 2.0  # longest XREADGROUP block; the client's socket timeout must exceed it
 MAX_HELD = 1000  # entries one deliverer holds (due, backing off, in flight); the rest stay in Redis
 STALE_CONSUMER_S = 3600  # consumers of gone gateways, with nothing pending, are dropped after this
 REDIS_RETRY_S = 1.0  # pause after a Redis error before the next try
+SECRET_PREFIX = "whsec_"
 
 
-def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
-    """The X-Asyncinfer-Signature value for `body`, stamped `timestamp` (default: now)."""
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a secret: base64 after `whsec_` (the Standard Webhooks form, what
+    `asyncinfer up` generates and receivers' libraries expect); any other text as UTF-8."""
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+        except binascii.Error:
+            pass
+    return secret.encode()
+
+
+def sign(secrets: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` value: one `v1,<base64>` per secret (several during a rotation),
+    separated by spaces."""
+    message = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(secret_key(s), message, hashlib.sha256).digest())
+        .decode() for s in secrets.split())
+
+
+def signed_headers(secrets: str, msg_id: str, body: bytes,
+                   timestamp: int | None = None) -> dict[str, str]:
+    """The three Standard Webhooks headers for `body`, stamped `timestamp` (default: now)."""
     t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+    return {"webhook-id": msg_id, "webhook-timestamp": str(t),
+            "webhook-signature": sign(secrets, msg_id, t, body)}
 
 
-def verify_signature(secret: str, header: str, body: bytes | str, tolerance_s: float = 300.0,
-                     *, now: float | None = None) -> bool:
-    """Whether `header` signs `body` with `secret` and was stamped within `tolerance_s` of now.
-    Pass the raw body as received (re-serialised JSON has other bytes). Several `v1=` values are
-    accepted, as when a sender signs with an old and a new secret during a rotation."""
-    stamp, macs = None, []
-    for part in header.split(","):
-        name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit():
-            stamp = int(value)
-        elif name == "v1" and value:
-            macs.append(value)
+def verify_signature(secret: str, headers: dict[str, str], body: bytes | str,
+                     tolerance_s: float = 300.0, *, now: float | None = None) -> bool:
+    """Whether `headers` (webhook-id, webhook-timestamp, webhook-signature; any case) sign
+    `body` with `secret` and were stamped within `tolerance_s` of now. Pass the raw body as
+    received (re-serialised JSON has other bytes)."""
+    h = {k.lower(): v for k, v in headers.items()}
+    msg_id, stamp = h.get("webhook-id", ""), h.get("webhook-timestamp", "")
     current = time.time() if now is None else now
-    if stamp is None or not macs or abs(current - stamp) > tolerance_s:
+    if not msg_id or not stamp.isdigit() or abs(current - int(stamp)) > tolerance_s:
         return False  # the tolerance is what makes a captured request useless for replays
     raw = body.encode() if isinstance(body, str) else body
-    expected = sign(secret, raw, stamp).partition(",v1=")[2]
-    return any(hmac.compare_digest(expected, m) for m in macs)
+    expected = sign(secret, msg_id, int(stamp), raw).split()[0].partition(",")[2]
+    given = [sig.partition(",")[2] for sig in h.get("webhook-signature", "").split()
+             if sig.startswith("v1,")]
+    return any(hmac.compare_digest(expected, g) for g in given)
 
 
 class WebhookDeliverer:
     """Delivers the webhooks stream in one gateway process: `start()`, later `await stop()`."""
 
     def __init__(self, redis: aioredis.Redis, settings: Settings,
-                 http: httpx.AsyncClient | None = None) -> None:
+                 policy: TargetPolicy | None = None) -> None:
         self.redis = redis  # its socket timeout must exceed READ_BLOCK_S (redisconn.connect)
         self.s = settings
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        self.http = http or httpx.AsyncClient(
-            timeout=settings.webhook_timeout_s, follow_redirects=False,
-            limits=httpx.Limits(max_connections=settings.webhook_concurrency),
+        self.http = guarded_client(
+            policy or TargetPolicy(settings.webhook_allow), timeout_s=settings.webhook_timeout_s,
+            max_connections=settings.webhook_concurrency,
             headers={"user-agent": "asyncinfer-webhooks/0.1"})
         self.stream = keys.webhooks()
         self.idle_ms = int(settings.reclaim_idle_s * 1000)  # entries idle this long are orphans
@@ -251,10 +275,14 @@ class WebhookDeliverer:
             log.warning("webhook gave up job=%s attempts=%d reason=%s", job_id, attempts - 1,
                         "job_gone" if gone else "attempts_exhausted")
             return None
+        if not self.s.webhook_secret.strip():
+            log.warning("webhook gave up job=%s reason=no_secret", job_id)
+            return None
         body = json.dumps(from_hash(fields).public(), separators=(",", ":")).encode()
-        headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(
-            self.s.webhook_secret, body), "x-asyncinfer-job": job_id,
-            "x-asyncinfer-delivery": entry_id, "x-asyncinfer-attempt": str(attempts)}
+        # webhook-id stays the same across retries: receivers deduplicate on it.
+        headers = {"content-type": "application/json",
+                   **signed_headers(self.s.webhook_secret, f"msg_{job_id}", body),
+                   "x-asyncinfer-job": job_id, "x-asyncinfer-attempt": str(attempts)}
         started, retry_after = time.monotonic(), "0"
         try:  # the whole attempt is bounded (not each phase), so the lock outlives it
             async with asyncio.timeout(self.s.webhook_timeout_s), self.http.stream(
@@ -268,6 +296,8 @@ class WebhookDeliverer:
             verdict, detail = "final", f"error={type(exc).__name__}"
         except (httpx.HTTPError, TimeoutError) as exc:  # the receiver may recover
             verdict, detail = "retry", f"error={type(exc).__name__}"
+            if refused(exc):  # the address policy: no retry changes that
+                verdict, detail = "final", f"refused={exc}"
         took_ms = (time.monotonic() - started) * 1000
         if verdict == "delivered":
             log.info("webhook delivered job=%s attempt=%d %s ms=%.0f", job_id, attempts, detail,

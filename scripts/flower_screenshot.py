@@ -29,8 +29,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asyncinfer.loadgen import Bench
+from shared.flower import flower_command
 from shared.procs import free_port, spawn, terminate, wait_port
 from shared.redisserver import RedisServer
+from shared.settings import Settings
 
 log = logging.getLogger("flower_screenshot")
 USER, PASSWORD = "admin", "asyncinfer"
@@ -82,11 +84,11 @@ def main() -> int:
         env = {"ASYNCINFER_REDIS_URL": redis.url, "ASYNCINFER_DEVICES": f"cpu:{WORKERS}",
                "ASYNCINFER_GATEWAY_PORT": str(gw_port), "ASYNCINFER_LOG_LEVEL": "WARNING"}
         logs = tmp / "logs"
+        flower_args, credentials = flower_command(Settings(
+            redis_url=redis.url, flower_port=fl_port, flower_user=USER, flower_password=PASSWORD))
         procs = [spawn(["-m", "batcher"], env, logs / "batcher.log"),
                  spawn(["-m", "gateway"], env, logs / "gateway.log"),
-                 spawn([sys.executable, "-m", "celery", f"--broker={redis.url}", "flower",
-                        f"--port={fl_port}", "--address=127.0.0.1",
-                        f"--basic_auth={USER}:{PASSWORD}"], env, logs / "flower.log")]
+                 spawn(flower_args, {**env, **credentials}, logs / "flower.log")]
         procs += [spawn(["-m", "workers", "--model", "synthetic", "--index", str(i)],
                         {**env, "WORKER_INDEX": str(i)}, logs / f"worker-{i}.log")
                   for i in range(1, WORKERS + 1)]

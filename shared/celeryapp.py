@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from shared.redisconn import celery_broker
 from shared.settings import Settings
 
 BATCH_TASK = "asyncinfer.run_batch"
@@ -16,8 +17,9 @@ BATCH_TASK = "asyncinfer.run_batch"
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app bound to the settings' Redis. Workers register the batch task on it."""
-    app = Celery("asyncinfer", broker=settings.redis_url, set_as_current=False)
+    app = Celery("asyncinfer", set_as_current=False)
     app.conf.update(
+        **celery_broker(settings),
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",

@@ -29,6 +29,9 @@ class AsyncInferError(Exception):
 class Unauthorized(AsyncInferError):
     status, type = 401, "unauthorized"
 
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
 
 class NotFound(AsyncInferError):
     status, type = 404, "not_found"

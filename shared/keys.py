@@ -62,9 +62,12 @@ PriorityName = Literal["high", "normal", "low"]
 PRIORITIES: tuple[PriorityName, ...] = ("high", "normal", "low")
 
 
+JOB_PREFIX = f"{PREFIX}:job:"
+
+
 def job(job_id: str) -> str:
     """Hash holding one job record."""
-    return f"{PREFIX}:job:{job_id}"
+    return f"{JOB_PREFIX}{job_id}"
 
 
 def stream(model: str, priority: PriorityName) -> str:
@@ -113,9 +116,20 @@ def lease_epoch(model: str) -> str:
     return f"{PREFIX}:epoch:{model}"
 
 
-def idempotency(owner: str, key: str) -> str:
-    """Maps an Idempotency-Key of one API key owner to a job id and body hash."""
-    return f"{PREFIX}:idem:{owner}:{key}"
+def idempotency(owner: str, model: str, key_digest: str) -> str:
+    """Maps an Idempotency-Key (its sha256 hex digest) of one caller (API key owner, '-' when
+    authentication is off) and model to the job ids and request body hash it created."""
+    return f"{PREFIX}:idem:{owner or '-'}:{model}:{key_digest}"
+
+
+def owner_queue(model: str, owner: str) -> str:
+    """Sorted set of the jobs one API key owner has queued for a model (score: the job's queue
+    deadline, epoch ms); entries that started, ended or expired are pruned lazily at submit."""
+    return f"{PREFIX}:owned:{model}:{owner}"
+
+
+# Entries of an owner queue a submit over the per-key limit checks, oldest first, at least.
+OWNER_PRUNE_MIN = 128
 
 
 def stats(model: str) -> str:

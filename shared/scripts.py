@@ -7,9 +7,15 @@ a reclaimed batch runs a job twice.
 
 from __future__ import annotations
 
-# KEYS: 3 streams of the model (high, normal, low), idempotency key or "", then one job key per job.
-# ARGV: max_queue, result_ttl_ms, idem_ttl_ms, body_hash, model, created_ms, n, then per job
-#       8 values: id, stream index (1..3), expires_ms, rows, priority, input, owner, webhook
+# KEYS: 3 streams of the model (high, normal, low), idempotency key or "", the caller's owner
+# queue or "" (no per-key limit), then one job key per job.
+# ARGV: max_queue, result_ttl_ms, idem_ttl_ms, body_hash, model, created_ms, n, per-key limit,
+#       job key prefix, prune minimum, then per job 8 values: id, stream index (1..3),
+#       expires_ms, rows, priority, input, owner, webhook
+# The owner queue counts the caller's queued jobs: members past their queue deadline go first;
+# when the count says the limit is reached, the oldest members (at least the prune minimum) are
+# checked against their records and those no longer queued dropped, so the count is exact
+# where it matters and the work bounded.
 SUBMIT = """
 local max_queue = tonumber(ARGV[1])
 local n = tonumber(ARGV[7])
@@ -18,21 +24,41 @@ if KEYS[4] ~= '' then
   if prior[1] then return {'idem', prior[1], prior[2]} end
 end
 local depth = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2]) + redis.call('XLEN', KEYS[3])
-if depth + n > max_queue then return {'full', tostring(depth)} end
+if depth + n > max_queue then return {'full', tostring(depth), 'model'} end
+local okey = KEYS[5]
+if okey ~= '' then
+  local limit = tonumber(ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', okey, '-inf', ARGV[6])
+  local count = redis.call('ZCARD', okey)
+  if count + n > limit then
+    for _, id in ipairs(redis.call('ZRANGE', okey, 0, math.max(tonumber(ARGV[10]), n) - 1)) do
+      if redis.call('HGET', ARGV[9] .. id, 'status') ~= 'queued' then
+        redis.call('ZREM', okey, id)
+        count = count - 1
+      end
+    end
+    if count + n > limit then return {'full', tostring(count), 'api_key'} end
+  end
+end
 local ids = {}
+local last = 0
 for i = 0, n - 1 do
-  local base = 8 + i * 8
+  local base = 11 + i * 8
   local id, sidx, expires, rows = ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3]
   local skey = KEYS[sidx]
   local entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires)
-  local jkey = KEYS[5 + i]
+  local jkey = KEYS[6 + i]
   redis.call('HSET', jkey, 'id', id, 'model', ARGV[5], 'status', 'queued', 'created_ms', ARGV[6],
     'expires_ms', expires, 'rows', rows, 'priority', ARGV[base + 4], 'input', ARGV[base + 5],
     'owner', ARGV[base + 6], 'webhook', ARGV[base + 7], 'stream', skey, 'entry', entry,
     'attempts', 0)
   redis.call('PEXPIREAT', jkey, tonumber(expires) + tonumber(ARGV[2]))
+  -- i/1000 ms keeps a batch's jobs in submit order among equal deadlines (the prune's order)
+  if okey ~= '' then redis.call('ZADD', okey, tonumber(expires) + i / 1000, id) end
+  last = math.max(last, tonumber(expires))
   ids[#ids + 1] = id
 end
+if okey ~= '' then redis.call('PEXPIREAT', okey, last) end
 local joined = table.concat(ids, ',')
 if KEYS[4] ~= '' then
   redis.call('HSET', KEYS[4], 'ids', joined, 'hash', ARGV[4])

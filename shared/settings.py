@@ -13,8 +13,18 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ASYNCINFER_", extra="ignore")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis:// or rediss:// (TLS) URL, with user, password and db index as needed: "
+        "rediss://USER:PASSWORD@HOST:PORT/DB.",
+    )
     redis_timeout_s: float = Field(2.0, description="Timeout of one Redis command, seconds.")
+    redis_tls_ca_file: str | None = Field(
+        None, description="CA bundle that signed the Redis server's certificate (rediss://); "
+        "unset: the system's CAs.")
+    redis_tls_cert_file: str | None = Field(
+        None, description="Client certificate for Redis servers that require one (rediss://).")
+    redis_tls_key_file: str | None = Field(None, description="Key of redis_tls_cert_file.")
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
@@ -29,7 +39,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Accepted API keys as sha256 hex digests; empty turns authentication off.",
     )
-    idempotency_ttl_s: int = 86_400
+    idempotency_ttl_s: int = Field(
+        3600, description="How long an Idempotency-Key is remembered; never longer than the jobs "
+        "it names stay readable (result_ttl_s), so a replay always finds them.")
 
     devices: str = Field(
         "auto",
@@ -57,10 +69,15 @@ class Settings(BaseSettings):
     )
     flower_port: int = 5555
     flower_user: str = "admin"
-    flower_password: str = "asyncinfer"
+    flower_password: str = Field(
+        "", description="Basic-auth password of that Flower; `asyncinfer up` generates one on "
+        "first start (kept in its state directory).")
 
     log_dir: str | None = Field(None, description="Where the local launcher writes worker logs.")
-    webhook_secret: str = "change-me"
+    webhook_secret: str = Field(
+        "", description="Key(s) of the webhook signatures (Standard Webhooks, `whsec_...`); "
+        "several separated by spaces sign with each (rotation). Empty: webhooks are refused "
+        "(422). `asyncinfer up` generates one on first start.")
     log_level: str = "INFO"
 
     webhook_max_attempts: int = Field(
@@ -74,3 +91,11 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(
         16, ge=1, description="Webhook POSTs in flight at once per gateway process."
     )
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        description="Webhook targets allowed although private, loopback or link-local: CIDR "
+        "ranges ('10.1.0.0/16') or exact host names ('hooks.internal'). JSON list.",
+    )
+    fault_injection: bool = Field(
+        False, description="Accept the fault hooks of models (the synthetic model's `fail`, "
+        "`sleep_s`, `pre_sleep_s`): for tests and drills only; off, they are refused (422).")

@@ -75,7 +75,9 @@ class JobStore:
         self.mux = mux
         self.result_ttl_ms = result_ttl_s * 1000
         self.job_ttl_s = job_ttl_s
-        self.idempotency_ttl_ms = idempotency_ttl_s * 1000
+        # A key never outlives the records it names, so a replay always finds them: a record
+        # lives at least result_ttl_s (CANCELED_TTL_S once canceled) after its submit.
+        self.idempotency_ttl_ms = min(idempotency_ttl_s, result_ttl_s, keys.CANCELED_TTL_S) * 1000
         self.max_attempts = max_attempts
         self._submit = redis.register_script(scripts.SUBMIT)
         self._start = redis.register_script(scripts.START)
@@ -83,26 +85,32 @@ class JobStore:
         self._cancel = redis.register_script(scripts.CANCEL)
 
     async def submit(self, model: str, jobs: Sequence[NewJob], *, owner: str = "",
-                     max_queue: int, idempotency_key: str | None = None,
-                     request_hash: str = "", ids: Sequence[str] | None = None) -> Submitted:
+                     max_queue: int, max_queue_per_key: int = 0,
+                     idempotency_key: str | None = None, request_hash: str = "",
+                     ids: Sequence[str] | None = None) -> Submitted:
         """Write the records and append the stream entries atomically; returns the job ids.
 
-        Raises QueueFull when the backlog would pass `max_queue`, Conflict when the idempotency
-        key was used with another body. A replay of the same key and body returns the first ids.
-        `ids`, when given, are the new jobs' ids (a caller that watches for them beforehand).
+        Raises QueueFull when the backlog would pass `max_queue`, or the owner's queued jobs of
+        this model `max_queue_per_key` (0: no per-key limit); Conflict when the idempotency key
+        was used with another body. The key is scoped to (owner, model) and stored as its
+        digest; a replay of the same key and body returns the first ids. `ids`, when given, are
+        the new jobs' ids (a caller that watches for them beforehand).
         """
         created = now_ms()
         streams = keys.streams(model)
-        idem = keys.idempotency(owner or "-", idempotency_key) if idempotency_key else ""
+        idem = keys.idempotency(owner, model, body_hash(idempotency_key)) \
+            if idempotency_key else ""
+        owned = keys.owner_queue(model, owner) if max_queue_per_key > 0 else ""
         ids = list(ids) if ids is not None else [new_job_id() for _ in jobs]
         argv: list[Any] = [0, self.result_ttl_ms, self.idempotency_ttl_ms, request_hash, model,
-                           created, len(jobs)]
+                           created, len(jobs), max_queue_per_key, keys.JOB_PREFIX,
+                           keys.OWNER_PRUNE_MIN]
         for job_id, job in zip(ids, jobs, strict=True):
             ttl_ms = int((job.ttl_s if job.ttl_s is not None else self.job_ttl_s) * 1000)
             argv += [job_id, PRIORITY_INDEX[job.priority], created + ttl_ms, job.rows,
                      job.priority, job.input_json, owner, job.webhook or ""]
         argv[0] = max_queue
-        job_keys = [*streams, idem, *map(keys.job, ids)]
+        job_keys = [*streams, idem, owned, *map(keys.job, ids)]
         if self.mux is not None:
             reply = await self.mux.evalsha(self._submit.sha, scripts.SUBMIT, job_keys, argv)
         else:
@@ -113,8 +121,13 @@ class JobStore:
                 raise Conflict("Idempotency-Key was already used with a different request body")
             return Submitted(_s(reply[1]).split(","), created, replay=True)
         if kind == "full":
-            raise QueueFull(f"model {model!r} has {_s(reply[1])} jobs queued", retry_after_s=1,
-                            queue_depth=int(_s(reply[1])))
+            depth, scope = int(_s(reply[1])), _s(reply[2])
+            if scope == "api_key":
+                raise QueueFull(f"this API key has {depth} jobs queued for model {model!r}, its "
+                                f"limit is {max_queue_per_key}", retry_after_s=1,
+                                queue_depth=depth, limit=max_queue_per_key, scope=scope)
+            raise QueueFull(f"model {model!r} has {depth} jobs queued", retry_after_s=1,
+                            queue_depth=depth, limit=max_queue, scope=scope)
         return Submitted(ids, created)
 
     async def get(self, job_id: str, owner: str = "") -> Job:

@@ -28,12 +28,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+def test_settings(redis_server: RedisServer) -> Settings:
+    # Every timer (heartbeat, liveness lapse, lease) at the default users get.
+    # fault_injection: the tests drive failures through the synthetic model's fault hooks.
+    return Settings(redis_url=redis_server.url, models=MODELS, devices="cpu:2",
+                    max_body_bytes=64 * 1024, fault_injection=True)
+
+
 @pytest.fixture
 def settings(redis_server: RedisServer) -> Settings:
     redis.Redis.from_url(redis_server.url).flushall()
-    # Every timer (heartbeat, liveness lapse, lease) at the default users get.
-    return Settings(redis_url=redis_server.url, models=MODELS, devices="cpu:2",
-                    max_body_bytes=64 * 1024)
+    return test_settings(redis_server)
 
 
 def env_of(settings: Settings) -> dict[str, str]:
@@ -45,7 +50,11 @@ def env_of(settings: Settings) -> dict[str, str]:
            "ASYNCINFER_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
            "ASYNCINFER_HEARTBEAT_LAPSE_S": str(settings.heartbeat_lapse_s),
            "ASYNCINFER_MAX_ATTEMPTS": str(settings.max_attempts),
+           "ASYNCINFER_MAX_BODY_BYTES": str(settings.max_body_bytes),
+           "ASYNCINFER_FAULT_INJECTION": str(settings.fault_injection).lower(),
            "ASYNCINFER_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    if settings.redis_tls_ca_file:
+        env["ASYNCINFER_REDIS_TLS_CA_FILE"] = settings.redis_tls_ca_file
     return env
 
 
@@ -71,6 +80,7 @@ class Procs:
                           "--index", str(index), WORKER_INDEX=str(index))
 
     def gateway(self, **env: str) -> str:
+        """A gateway process (uvicorn) on a free port, settings overridden by `env`."""
         port = free_port()
         self.start(f"gateway-{port}", "gateway", ASYNCINFER_GATEWAY_PORT=str(port), **env)
         assert wait_port("127.0.0.1", port, 30), self.logs()
@@ -101,6 +111,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if rep.when == "call":  # type: ignore[attr-defined]
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
+
+
+@pytest.fixture(scope="module")
+def procs_module(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Procs]:
+    """Processes that live for a whole module (the test settings)."""
+    p = Procs(test_settings(redis_server), tmp_path_factory.mktemp("logs"))
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture(scope="module")
+def uvicorn_gateway(procs_module: Procs) -> str:
+    """A real gateway process (uvicorn) with the test settings, for a whole module."""
+    return procs_module.gateway()
 
 
 @pytest.fixture

@@ -77,3 +77,15 @@ def test_console_script_prints_one_line_and_exits_1_or_2(tmp_path: Path) -> None
 
     bad = cli("bench", "synthetic", "--rate", "0", "--duration", "1", "--url", dead)
     assert bad.returncode == 2 and "--rate" in bad.stderr
+
+
+def test_secrets_prints_fresh_env_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    from asyncinfer.cli import main
+
+    assert main(["secrets"]) == 0
+    first = capsys.readouterr().out
+    assert main(["secrets"]) == 0
+    lines = dict(line.split("=", 1) for line in first.splitlines())
+    assert set(lines) == {"ASYNCINFER_WEBHOOK_SECRET", "FLOWER_PASSWORD"}
+    assert lines["ASYNCINFER_WEBHOOK_SECRET"].startswith("whsec_")
+    assert capsys.readouterr().out != first

@@ -79,7 +79,8 @@ async def in_process(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     specs = load_specs(MODELS)
     synthetic = specs["synthetic"]
     specs["synthetic"] = synthetic.model_copy(
-        update={"options": synthetic.options.model_copy(update={"max_queue": 2})})
+        update={"options": synthetic.options.model_copy(
+            update={"max_queue": 2, "max_queue_per_key": 2})})
     keys = [hashlib.sha256(k.encode()).hexdigest() for k in ("key-a", "key-b")]
     app = create_app(settings.model_copy(update={"api_keys": keys}), specs)
     transport = httpx.ASGITransport(app=app)
@@ -118,6 +119,16 @@ def test_503_is_retried_after_the_servers_retry_after() -> None:
         took = time.monotonic() - started
     assert job.id == "j1" and len(rx.hits) == 2
     assert took >= 1.0  # it waited out Retry-After: 1 before the second try
+
+
+def test_every_submit_has_an_idempotency_key_its_retries_repeat() -> None:
+    with Receiver([503, 202, 202], headers={"retry-after": "0"}, reply=lambda _: JOB) as rx:
+        client = Client(rx.url.removesuffix("/hook"), max_retries=2)
+        client.submit("synthetic", {"x": 1})  # answered 503, then 202 on the retry
+        client.submit("synthetic", {"x": 1})
+    keys = [h.headers.get("idempotency-key") for h in rx.hits]
+    assert len(keys) == 3 and all(keys)
+    assert keys[0] == keys[1] != keys[2]  # one key per call, the same on its retry
 
 
 def test_429_retries_are_bounded_then_raise() -> None:

@@ -40,11 +40,12 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 ENTRY_MODULES = {"gateway", "batcher", "workers", "workers.autoscaler"}
 SETTINGS_ENV = {f"ASYNCINFER_{name.upper()}" for name in Settings.model_fields}
 EXTRA_ENV = {"WORKER_INDEX", "CUDA_VISIBLE_DEVICES", "FLOWER_USER", "FLOWER_PASSWORD",
-             "PYTORCH_NVML_BASED_CUDA_CHECK"}
+             "FLOWER_BASIC_AUTH", "GATEWAY_BIND", "PYTORCH_NVML_BASED_CUDA_CHECK"}
 # `${VAR}`, `${VAR:-default}`, `$VAR`; `$$` is compose's escape for a literal `$`.
 NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 INTERPOLATION = re.compile(rf"(?<!\$)\$(?:\{{({NAME})[^}}]*\}}|({NAME}))")
 DEFAULTED = re.compile(rf"\$\{{({NAME}):?-([^}}]*)\}}")
+REQUIRED = re.compile(rf"\$\{{({NAME}):?\?[^}}]*\}}")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,8 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def resolve_defaults(value: str) -> str:
-    """What compose substitutes when none of the referenced variables is set."""
-    return DEFAULTED.sub(lambda m: m.group(2), value)
+    """What compose substitutes when only the required variables are set (to `<NAME>`)."""
+    return REQUIRED.sub(lambda m: f"<{m.group(1)}>", DEFAULTED.sub(lambda m: m.group(2), value))
 
 
 def module_of(service: dict[str, Any]) -> str | None:
@@ -150,10 +151,10 @@ def test_every_command_runs_a_real_entry_point(services: dict[str, dict[str, Any
         elif args and args[0] == "celery":
             assert "flower" in args, f"{name}: celery without the flower command"
             assert importlib.util.find_spec("flower") is not None
-            at = args.index("flower")
-            # Celery options go before the subcommand; Flower ignores --broker after it.
-            assert any(a.startswith("--broker=") for a in args[:at]), name
-            assert any(a.startswith("--basic_auth=") for a in args[at:]), name
+            # The app (hence the broker) from the settings: no URL, no password in the args.
+            assert option(args, "-A") == "shared.flowerapp", name
+            assert importlib.util.find_spec("shared.flowerapp") is not None
+            assert not any(a.startswith(("--broker", "--basic_auth")) for a in args), name
         else:
             pytest.fail(f"{name}: command {args} is no entry point of the project")
 
@@ -209,15 +210,23 @@ def test_environment_values_parse_as_settings(services: dict[str, dict[str, Any]
             device_for(devices, int(env["WORKER_INDEX"]))
 
 
-def test_flower_uses_the_shared_broker_and_default_credentials(
+def test_flower_uses_the_shared_broker_and_required_credentials(
         services: dict[str, dict[str, Any]]) -> None:
-    args = argv(services["flower"])
-    assert option(args, "--broker") == environment(services["gateway"])["ASYNCINFER_REDIS_URL"]
-    auth = option(args, "--basic_auth")
-    assert "${FLOWER_USER" in auth and "${FLOWER_PASSWORD" in auth
-    user, _, password = resolve_defaults(auth).partition(":")
+    flower = environment(services["flower"])
+    assert flower["ASYNCINFER_REDIS_URL"] == environment(services["gateway"])[
+        "ASYNCINFER_REDIS_URL"]
+    user, _, password = resolve_defaults(flower["FLOWER_BASIC_AUTH"]).partition(":")
     assert user == Settings.model_fields["flower_user"].default
-    assert password == Settings.model_fields["flower_password"].default
+    assert password == "<FLOWER_PASSWORD>"  # required: compose stops without it
+
+
+def test_no_secret_has_a_default(services: dict[str, dict[str, Any]]) -> None:
+    text = COMPOSE.read_text()
+    for secret in ("ASYNCINFER_WEBHOOK_SECRET", "FLOWER_PASSWORD"):
+        uses = re.findall(rf"\$\{{{secret}(:?[-?])", text)
+        assert uses and set(uses) <= {":?", "?"}, (secret, uses)
+    assert Settings.model_fields["webhook_secret"].default == ""
+    assert Settings.model_fields["flower_password"].default == ""
 
 
 # -- redis ------------------------------------------------------------------------------------
@@ -335,13 +344,17 @@ async def test_worker_and_batcher_healthchecks_follow_redis_state(
 
 def test_ports(services: dict[str, dict[str, Any]]) -> None:
     gateway_env = environment(services["gateway"])
-    assert gateway_env["ASYNCINFER_GATEWAY_HOST"] == "0.0.0.0"
+    assert gateway_env["ASYNCINFER_GATEWAY_HOST"] == "0.0.0.0"  # inside its container
     port = gateway_env["ASYNCINFER_GATEWAY_PORT"]
-    assert any(str(p).endswith(f":{port}") for p in services["gateway"]["ports"])
+    published = [resolve_defaults(str(p)) for p in services["gateway"]["ports"]]
+    # On the host: loopback unless the operator opts in (GATEWAY_BIND).
+    assert published == [f"127.0.0.1:{port}:{port}"]
     # Flower's /metrics and /healthcheck skip basic auth: never publish it beyond localhost.
     assert services["flower"]["ports"]
     assert all(str(p).startswith("127.0.0.1:") for p in services["flower"]["ports"])
     assert "ports" not in services["redis"]
+    exposed = {name for name, svc in services.items() if svc.get("ports")}
+    assert exposed == {"gateway", "flower"}
 
 
 # -- GPUs ------------------------------------------------------------------------------------

@@ -1,12 +1,30 @@
-"""The HTTP contract's shapes and error statuses, against the real app and a real Redis."""
+"""The HTTP contract's shapes and error statuses, against the real app and a real Redis: each
+test runs twice, in process (ASGI) and against a real uvicorn process over TCP."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
+import pytest
 import redis
 
+from gateway.app import create_app
 from shared import keys
 from shared.settings import Settings
+
+
+@pytest.fixture(params=["asgi", "uvicorn"])
+async def client(request: pytest.FixtureRequest, settings: Settings
+                 ) -> AsyncIterator[httpx.AsyncClient]:
+    if request.param == "asgi":
+        app = create_app(settings)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            yield c
+        return
+    async with httpx.AsyncClient(base_url=request.getfixturevalue("uvicorn_gateway")) as c:
+        yield c
 
 
 async def test_submit_answers_202_with_location_and_queues_one_entry(
@@ -103,9 +121,16 @@ async def test_models_list_shows_schemas_and_config(client: httpx.AsyncClient) -
 async def test_health_ready_and_metrics(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     assert (await client.get("/readyz")).status_code == 200
+    submitted = 'asyncinfer_jobs_submitted_total{model="synthetic"} '
+
+    async def counted() -> float:  # the process's counter: the uvicorn gateway outlives tests
+        lines = (await client.get("/metrics")).text.splitlines()
+        return sum(float(ln.removeprefix(submitted)) for ln in lines if ln.startswith(submitted))
+
+    before = await counted()
     await client.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}})
     text = (await client.get("/metrics")).text
-    assert 'asyncinfer_jobs_submitted_total{model="synthetic"} 1.0' in text
+    assert await counted() == before + 1
     assert 'asyncinfer_queue_depth{model="synthetic"} 1.0' in text
 
 

@@ -19,11 +19,13 @@ from shared.settings import Settings
 JOB_KEYS = {"id", "model", "status", "created_at", "metrics"}
 ALLOWED = {200, 202, 404, 405, 409, 413, 422, 429}
 
+# Text may hold lone surrogates (json.dumps writes them as \udXXX escapes), numbers may be far
+# past a float's range: both reach the server's parser.
+texts = st.text(st.characters(exclude_categories=()), max_size=20)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=5),
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=10**300, max_value=10**600)
+    | st.floats(allow_nan=False, allow_infinity=False) | texts,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(texts, inner, max_size=5),
     max_leaves=20)
 synthetic_inputs = st.fixed_dictionaries(
     {"x": st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5)},
@@ -71,6 +73,32 @@ def test_batch_submit_never_500(api: TestClient, inputs: Any) -> None:
     _check(api.post("/v1/models/synthetic/jobs:batch", json={"inputs": inputs}))
 
 
+def _nested(depth: int, opener: bytes) -> bytes:
+    closer = b"]" if opener == b"[" else b"}"
+    inner = opener * depth if opener == b"[" else b'{"a":' * depth
+    return b'{"input": ' + inner + b"1" + closer * depth + b"}"
+
+
+# Bodies no JSON encoder writes: deep nesting, surrogate escapes, overflowing numbers, other
+# encodings, truncation.
+hostile_bodies = st.one_of(
+    st.builds(_nested, st.integers(150, 6000), st.sampled_from([b"[", b"{"])),
+    st.integers(0xD800, 0xDFFF).map(lambda c: b'{"input": {"x": 1, "s": "\\u%04x"}}' % c),
+    st.integers(309, 5000).map(lambda e: b'{"input": {"x": 1e%d}}' % e),
+    st.integers(300, 5000).map(lambda n: b'{"input": {"x": -' + b"9" * n + b"}}"),
+    st.builds(lambda body, enc: json.dumps(body).encode(enc), envelopes,
+              st.sampled_from(["utf-16", "utf-32", "latin-1", "utf-8-sig"])),
+    st.builds(lambda body, cut: json.dumps(body).encode()[:cut], envelopes, st.integers(0, 40)),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=hostile_bodies, batch=st.booleans())
+def test_hostile_bodies_never_500(api: TestClient, raw: bytes, batch: bool) -> None:
+    path = "/v1/models/synthetic/jobs" + (":batch" if batch else "")
+    _check(api.post(path, content=raw, headers={"content-type": "application/json"}))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(raw=st.binary(max_size=5000),
        job=st.text(min_size=1, max_size=40),
@@ -94,5 +122,7 @@ def test_non_finite_numbers_are_422(api: TestClient) -> None:
 
 def test_openapi_schema_lists_the_contract_paths(api: TestClient) -> None:
     paths = set(api.get("/openapi.json").json()["paths"])
-    assert {"/v1/models/{model}/jobs", "/v1/models/{model}/jobs:batch", "/v1/jobs/{job_id}",
-            "/v1/models", "/v1/models/{model}", "/healthz", "/readyz", "/metrics"} <= paths
+    # Submits are described per served model, each with that model's input schema.
+    assert {"/v1/models/synthetic/jobs", "/v1/models/synthetic/jobs:batch", "/v1/models/mlp/jobs",
+            "/v1/jobs/{job_id}", "/v1/models", "/v1/models/{model}", "/healthz", "/readyz",
+            "/metrics"} <= paths

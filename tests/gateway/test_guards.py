@@ -11,7 +11,9 @@ import redis
 
 from gateway.app import create_app
 from shared import keys
+from shared.redisconn import connect
 from shared.settings import Settings
+from shared.store import JobStore
 
 
 @pytest.fixture
@@ -101,3 +103,99 @@ async def test_records_carry_their_lifetimes(client: httpx.AsyncClient,
     assert 0 < ttl_ms <= (60 + settings.result_ttl_s) * 1000
     await client.delete(f"/v1/jobs/{job['id']}")
     assert 0 < r.pttl(keys.job(job["id"])) <= keys.CANCELED_TTL_S * 1000
+
+
+async def test_idempotency_is_scoped_to_the_model_and_hashed_not_truncated(
+        keyed: httpx.AsyncClient, settings: Settings) -> None:
+    h = {**_auth("alpha-key"), "Idempotency-Key": "k" * 300}
+    first = await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}}, headers=h)
+    # The same key for another model is another namespace (no 409 for the other body).
+    mlp = await keyed.post("/v1/models/mlp/jobs", json={"input": {"features": [0.0] * 256}},
+                           headers=h)
+    assert first.status_code == mlp.status_code == 202
+    assert first.json()["id"] != mlp.json()["id"]
+    # Keys that share their first 200 characters are still different keys.
+    longer = await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 2}},
+                              headers={**h, "Idempotency-Key": "k" * 300 + "2"})
+    assert longer.status_code == 202 and longer.json()["id"] != first.json()["id"]
+    names = redis.Redis.from_url(settings.redis_url, decode_responses=True).keys("ai:idem:*")
+    assert len(names) == 3 and not any("kkkk" in n for n in names)  # digests, not the keys
+
+
+async def test_a_replay_is_answered_for_as_long_as_the_key_lives(
+        keyed: httpx.AsyncClient, settings: Settings) -> None:
+    """The key never outlives the jobs it names: queued, finished or canceled."""
+    r = redis.Redis.from_url(settings.redis_url)
+    h = {**_auth("alpha-key"), "Idempotency-Key": "lifetime"}
+    job = (await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}},
+                            headers=h)).json()
+    [idem] = r.keys("ai:idem:*")
+    assert 0 < r.pttl(idem) <= r.pttl(keys.job(job["id"]))
+    assert r.pttl(idem) <= settings.result_ttl_s * 1000
+    await keyed.delete(f"/v1/jobs/{job['id']}", headers=_auth("alpha-key"))
+    assert r.pttl(idem) <= r.pttl(keys.job(job["id"]))
+    again = await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}}, headers=h)
+    assert again.status_code == 200 and again.json()["status"] == "canceled"  # final: 200
+
+
+async def test_the_key_lifetime_is_capped_by_the_records(settings: Settings) -> None:
+    store = JobStore(connect(settings), result_ttl_s=600, job_ttl_s=60,
+                     idempotency_ttl_s=86_400)
+    await store.redis.aclose()
+    assert store.idempotency_ttl_ms == 600_000
+
+
+async def test_one_api_key_cannot_fill_the_queue_for_the_others(
+        keyed: httpx.AsyncClient, settings: Settings) -> None:
+    # tests/models.toml: max_queue = 500 for synthetic, so 250 per key by default.
+    alpha, beta = _auth("alpha-key"), _auth("beta-key")
+    r = await keyed.post("/v1/models/synthetic/jobs:batch",
+                         json={"inputs": [{"x": i} for i in range(250)]}, headers=alpha)
+    assert r.status_code == 202
+    over = await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}},
+                            headers=alpha)
+    assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
+    assert over.json()["error"]["scope"] == "api_key"
+    assert (await keyed.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}},
+                             headers=beta)).status_code == 202
+    # Jobs that leave the queue (a worker starts them) make room for the key again.
+    store = JobStore(connect(settings), result_ttl_s=60, job_ttl_s=60)
+    started = [j["id"] for j in r.json()["jobs"][:5]]
+    # As the protocol hands them to a worker: its consumer owns their entries, then START.
+    stream = keys.stream("synthetic", "normal")
+    await store.redis.xgroup_create(stream, keys.BATCHER_GROUP, id="0")
+    await store.redis.xreadgroup(keys.BATCHER_GROUP, keys.worker_consumer("w-1"),
+                                 {stream: ">"}, count=5)
+    verdicts = await store.start(started, "w-1", "cpu:0", consumer=keys.worker_consumer("w-1"))
+    assert {v.verdict for v in verdicts} == {"run"}
+    await store.redis.aclose()
+    more = await keyed.post("/v1/models/synthetic/jobs:batch",
+                            json={"inputs": [{"x": i} for i in range(5)]}, headers=alpha)
+    assert more.status_code == 202, more.text
+
+
+async def test_fault_hooks_are_refused_unless_the_setting_enables_them(
+        settings: Settings) -> None:
+    for enabled in (False, True):
+        app = create_app(settings.model_copy(update={"fault_injection": enabled}))
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            schema = (await c.get("/v1/models/synthetic")).json()["input_schema"]
+            assert ("fail" in schema["properties"]) is enabled
+            for hook in ({"fail": "kill"}, {"fail": "hang"}, {"sleep_s": 30}):
+                r = await c.post("/v1/models/synthetic/jobs", json={"input": {"x": 1, **hook}})
+                assert r.status_code == (202 if enabled else 422), (hook, r.text)
+                if not enabled:
+                    assert r.json()["error"]["field"] == f"input.{next(iter(hook))}"
+            # Left at their defaults, the hooks are no reason to refuse anything.
+            ok = await c.post("/v1/models/synthetic/jobs",
+                              json={"input": {"x": 1, "fail": None, "sleep_s": 0}})
+            assert ok.status_code == 202
+
+
+async def test_auth_is_checked_before_routing_and_names_its_scheme(
+        keyed: httpx.AsyncClient) -> None:
+    r = await keyed.get("/v1/nothing-here")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = await keyed.put("/v1/jobs/x", headers=_auth("alpha-key"))
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, HEAD"

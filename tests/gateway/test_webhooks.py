@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -14,15 +16,17 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import standardwebhooks
 
 from gateway.app import create_app
-from gateway.webhooks import SIGNATURE_HEADER, verify_signature
+from gateway.webhook_targets import TargetPolicy
+from gateway.webhooks import signed_headers, verify_signature
 from shared import keys
 from shared.redisconn import connect
 from shared.settings import Settings
 from shared.store import JobStore, NewJob, Outcome
 
-SECRET = "test-secret"
+SECRET = "whsec_" + base64.b64encode(b"test-secret-of-32-bytes-for-hmac").decode()
 MAX_ATTEMPTS = 4
 BACKOFF_S = 0.05
 
@@ -86,8 +90,9 @@ class Receiver:
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
+    # The receivers listen on loopback, which the address policy refuses unless allow-listed.
     return settings.model_copy(update={
-        "webhook_secret": SECRET, "webhook_backoff_s": BACKOFF_S,
+        "webhook_secret": SECRET, "webhook_allow": ["127.0.0.1/32"], "webhook_backoff_s": BACKOFF_S,
         "webhook_max_attempts": MAX_ATTEMPTS, "webhook_timeout_s": 2.0, "reclaim_idle_s": 1.0})
 
 
@@ -128,12 +133,15 @@ async def test_delivers_the_signed_public_json_once(client: httpx.AsyncClient,
     public = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert json.loads(hit.body) == public and public["output"] == {"y": 4.0}
     assert hit.headers["x-asyncinfer-job"] == job_id and hit.headers["x-asyncinfer-attempt"] == "1"
-    header = hit.headers[SIGNATURE_HEADER.lower()]
-    assert verify_signature(SECRET, header, hit.body)
-    assert not verify_signature("other-secret", header, hit.body)
-    assert not verify_signature(SECRET, header, hit.body.replace(b"4.0", b"5.0"))
-    assert not verify_signature(SECRET, header, hit.body, now=time.time() + 3600)  # a replay
-    assert not verify_signature(SECRET, "v1=deadbeef", hit.body)
+    assert hit.headers["webhook-id"] == f"msg_{job_id}"
+    assert verify_signature(SECRET, hit.headers, hit.body)
+    # The reference implementation of Standard Webhooks accepts it as it is.
+    standardwebhooks.Webhook(SECRET).verify(hit.body, hit.headers)
+    assert not verify_signature("whsec_b3RoZXI=", hit.headers, hit.body)
+    assert not verify_signature(SECRET, hit.headers, hit.body.replace(b"4.0", b"5.0"))
+    assert not verify_signature(SECRET, hit.headers, hit.body, now=time.time() + 3600)  # replay
+    forged = {**hit.headers, "webhook-signature": "v1,ZGVhZGJlZWY="}
+    assert not verify_signature(SECRET, forged, hit.body)
 
 
 async def test_retries_with_backoff_until_the_receiver_recovers(client: httpx.AsyncClient,
@@ -142,7 +150,7 @@ async def test_retries_with_backoff_until_the_receiver_recovers(client: httpx.As
         await finished_job(client, settings, rx.url)
         await until(drained(settings), 10, "the webhook to be delivered and acked")
     assert [h.headers["x-asyncinfer-attempt"] for h in rx.hits] == ["1", "2", "3"]
-    assert len({h.headers["x-asyncinfer-delivery"] for h in rx.hits}) == 1  # same delivery id
+    assert len({h.headers["webhook-id"] for h in rx.hits}) == 1  # same message id
     gaps = [b.at - a.at for a, b in zip(rx.hits, rx.hits[1:], strict=False)]
     # Exponential with jitter in [0.5, 1]: at least half of 0.05 s, then half of 0.1 s.
     assert gaps[0] >= BACKOFF_S * 0.5 and gaps[1] >= BACKOFF_S
@@ -208,14 +216,96 @@ async def test_a_restarted_gateway_goes_on_with_the_schedule(settings: Settings)
         async with app.router.lifespan_context(app):
             await until(drained(settings), 10, "the second attempt")
     assert [h.headers["x-asyncinfer-attempt"] for h in rx.hits] == ["1", "2"]
-    assert rx.hits[0].headers["x-asyncinfer-delivery"] == rx.hits[1].headers[
-        "x-asyncinfer-delivery"]
+    assert rx.hits[0].headers["webhook-id"] == rx.hits[1].headers["webhook-id"]
 
 
-def test_signature_helper_round_trips() -> None:
-    from gateway.webhooks import sign
-
+def test_signature_helper_round_trips_and_signs_with_every_secret() -> None:
     body = b'{"id":"x"}'
-    header = sign("k", body, timestamp=1_700_000_000)
-    assert verify_signature("k", header, body.decode(), now=1_700_000_100)
-    assert not verify_signature("k", header, body, tolerance_s=10, now=1_700_000_100)
+    new, old = SECRET, "whsec_" + base64.b64encode(b"the-old-secret").decode()
+    headers = signed_headers(f"{new} {old}", "msg_x", body, timestamp=1_700_000_000)
+    assert len(headers["webhook-signature"].split()) == 2  # a rotation: both keys sign
+    for secret in (new, old):
+        assert verify_signature(secret, headers, body.decode(), now=1_700_000_100)
+    assert not verify_signature(new, headers, body, tolerance_s=10, now=1_700_000_100)
+
+
+@pytest.fixture
+def unlisted(settings: Settings) -> Settings:
+    """The default address policy: nothing allow-listed."""
+    return settings.model_copy(update={"webhook_allow": []})
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/hook", "http://localhost/hook", "http://app.localhost/x",
+    "http://169.254.169.254/latest/meta-data", "http://[fd00:ec2::254]/", "http://10.0.0.7/",
+    "http://192.168.1.1/", "http://172.16.0.1/", "http://100.100.100.200/", "http://[::1]/",
+    "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/", "http://224.0.0.1/", "ftp://example.com/",
+    "http:///nohost"])
+async def test_private_loopback_and_metadata_targets_are_422_at_submit(
+        unlisted: Settings, url: str) -> None:
+    app = create_app(unlisted)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        r = await c.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}, "webhook": url})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "webhook", r.text
+
+
+async def test_webhooks_are_refused_without_a_secret(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"webhook_secret": ""}))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        r = await c.post("/v1/models/synthetic/jobs",
+                         json={"input": {"x": 1}, "webhook": "https://example.com/hook"})
+    assert r.status_code == 422 and "SECRET" in r.json()["error"]["message"]
+
+
+async def test_a_name_that_rebinds_to_loopback_after_submit_is_refused_at_connect(
+        unlisted: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """DNS rebinding: the name resolves to a public address when the submit is checked, then to
+    the receiver on 127.0.0.1 when the deliverer connects. The connection is never made."""
+    answers = iter(["93.184.216.34"])
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        return [next(answers, "127.0.0.1")]
+
+    with Receiver([200]) as rx:
+        port = rx.server.server_address[1]
+        app = create_app(unlisted, targets=TargetPolicy([], resolver=rebinding))
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            with caplog.at_level(logging.INFO, logger="gateway.webhooks"):
+                job_id = await finished_job(c, unlisted, f"http://hooks.example:{port}/hook")
+                await until(drained(unlisted), 10, "the webhook to be given up")
+    assert rx.hits == []
+    # Refused for good at the first attempt (no retry can change an address policy).
+    r = redis.Redis.from_url(unlisted.redis_url, decode_responses=True)
+    assert r.hget(keys.webhook_delivery(job_id), "attempts") == "1"
+    assert any("resolves to 127.0.0.1, a loopback address" in rec.getMessage()
+               for rec in caplog.records)
+
+
+async def test_an_allow_listed_name_may_resolve_to_a_private_address(
+        settings: Settings) -> None:
+    async def internal(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    policy = TargetPolicy(["hooks.internal"], resolver=internal)
+    with Receiver([200]) as rx:
+        port = rx.server.server_address[1]
+        app = create_app(settings, targets=policy)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            await finished_job(c, settings, f"http://hooks.internal:{port}/hook")
+            await until(drained(settings), 10, "the webhook to be delivered")
+    assert len(rx.hits) == 1
+
+
+def test_the_address_policy() -> None:
+    policy = TargetPolicy(["10.1.0.0/16"])
+    assert policy.address_refused("93.184.216.34") is None
+    assert policy.address_refused("2606:4700:4700::1111") is None
+    assert policy.address_refused("10.1.2.3") is None  # allow-listed
+    for address in ("10.2.0.1", "127.0.0.1", "169.254.169.254", "fe80::1", "::1", "fc00::1",
+                    "::ffff:10.2.0.1", "64:ff9b::a9fe:a9fe", "100.64.0.1", "0.0.0.0",
+                    "255.255.255.255", "192.0.2.1"):
+        assert policy.address_refused(address) is not None, address

@@ -2,7 +2,8 @@
 
 The `fail` field of an item makes that item misbehave on purpose, so tests can drive every
 failure path through the real system: an exception in one stage, a predict that raises for any
-batch containing the item, a worker process killed mid-batch, or a predict that hangs.
+batch containing the item, a worker process killed mid-batch, or a predict that hangs. It and the
+extra sleeps are fault hooks: the gateway accepts them only with `fault_injection` on.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.model import InferenceModel, ServingOptions
+from shared.model import FAULT_HOOK, InferenceModel, ServingOptions
 
 
 class SyntheticInput(BaseModel):
     x: float = Field(description="Any number; the output is 2·x.")
-    fail: Literal["preprocess", "predict", "postprocess", "kill", "hang"] | None = None
-    sleep_s: float = Field(0.0, ge=0, le=60, description="Extra predict time for this item.")
-    pre_sleep_s: float = Field(0.0, ge=0, le=60, description="Preprocess time for this item.")
+    fail: Literal["preprocess", "predict", "postprocess", "kill", "hang"] | None = Field(
+        None, json_schema_extra=FAULT_HOOK, description="Misbehave on purpose (fault hook).")
+    sleep_s: float = Field(0.0, ge=0, le=60, json_schema_extra=FAULT_HOOK,
+                           description="Extra predict time for this item (fault hook).")
+    pre_sleep_s: float = Field(0.0, ge=0, le=60, json_schema_extra=FAULT_HOOK,
+                               description="Preprocess time for this item (fault hook).")
 
 
 class SyntheticOutput(BaseModel):
