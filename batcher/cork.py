@@ -9,7 +9,9 @@
    predicted to end, and each planned batch takes its pessimistic duration (`predict_high`).
 3. No free slot: wait for an event, or for the instant a shed or an expiry falls due.
 4. Start-up probes: the first batches are capped at 1, 1 (warm-up), 1, 2, 3 rows so that the fit
-   of `a*rows + b` sees different sizes. A probe never holds requests back.
+   of `a*rows + b` sees different sizes. A probe of k rows waits for its k rows when the arrival
+   rate says they come within half the budget of its oldest request, so light traffic
+   calibrates the fit too; a trickle is never held.
 5. Release at once when the queue holds `max_batch_size` rows, or when waiting any longer would
    push the oldest request of the batch past `max_latency_ms` (counting the pessimistic duration
    of the batch with one more arrival in it).
@@ -162,9 +164,16 @@ class CorkPolicy:
         probing = not self._calibrated and self._probes_released < len(self._probe_plan)
         cap = self._probe_plan[self._probes_released] if probing else self._max_rows
         batch = take_batch(self._queue.ordered(now), cap)
-        if probing:
-            return self._release(now, batch, "probe")
         rows = sum(e.rows for e in batch)
+        if probing:
+            # A probe of k rows waits for them when they are expected within half the budget
+            # of its oldest request: light traffic then calibrates the fit with batches of 1, 2
+            # and 3 rows; a trickle (or a lone client) is not held for company that won't come.
+            hold_until = min(e.arrived_s for e in batch) + self._budget_s / 2
+            missing_s = (cap - rows) * self._arrivals.mean_gap_s(now)
+            if rows < cap and now < hold_until and now + missing_s <= hold_until:
+                return self._wait(now, _earliest(wake, hold_until))
+            return self._release(now, batch, "probe")
         if self._queue.rows >= self._max_rows:
             return self._release(now, batch, "full")
         oldest = min(e.arrived_s for e in batch)

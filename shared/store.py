@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,9 +199,11 @@ class JobStore:
                 out.append(Started(job_id, _s(reply[1]) if len(reply) > 1 else kind))
         return out
 
-    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+    async def finish(self, outcomes: Sequence[Outcome], *,
+                     report: tuple[str, Mapping[str, str]] | None = None) -> list[bool]:
         """Write final states (first writer wins) and ack their stream entries, one script
-        call. Returns, per job, whether this call's state is the one that stuck."""
+        call; with `report` (a stream and its fields), XADD it in the same round trip, first.
+        Returns, per job, whether this call's state is the one that stuck."""
         if not outcomes:
             return []
         finished = now_ms()
@@ -218,8 +220,15 @@ class JobStore:
                 if value is not None:
                     fields += [name, value]
             args += [o.status, len(fields) // 2, *fields]
-        replies = await self._finish(
-            keys=[keys.webhooks(), *(keys.job(o.job_id) for o in outcomes)], args=args)
+        job_keys = [keys.webhooks(), *(keys.job(o.job_id) for o in outcomes)]
+        if report is None:
+            replies = await self._finish(keys=job_keys, args=args)
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(report[0], dict(report[1]), maxlen=keys.COMPLETIONS_MAXLEN,  # type: ignore[arg-type]
+                      approximate=True)
+            await self._finish(keys=job_keys, args=args, client=pipe)  # queued in the pipe
+            _, replies = await pipe.execute()
         return [int(r) == 1 for r in replies]
 
     async def dead_letter(self, model: str, job_id: str, attempts: int, reason: str) -> None:

@@ -1,11 +1,16 @@
 """One worker process: pin to its device, load the model, then serve batches as a Celery worker.
 
-Pool choice: Celery's `threads` pool inside a process that the launcher started with its device
-already chosen. There is no fork at all, so CUDA can never be initialised before a fork; the
-model loads before the worker consumes (no child start-up limit applies); Celery's main thread
-keeps beating (see `workers.liveness`) and answering remote control while batches run in pool
-threads; and several batches can be in flight so preprocess/postprocess overlap a running
-predict. The price is that Celery cannot kill a stuck thread, so the time limit is enforced here:
+Pool choice: Celery's `solo` pool, in a process that the launcher started with its device already
+chosen, and a task that only hands the batch over: it starts the batch on the worker's asyncio
+loop thread and returns at once. So there is no fork at all (CUDA can never be initialised
+before a fork); the model loads before the worker consumes (no child start-up limit applies);
+Celery's consumer loop is never blocked by a batch, so it keeps beating (see
+`workers.liveness`), answering remote control and taking the next batch; several batches are in
+flight so preprocess/postprocess overlap a running predict; and a batch reaches the model with
+no hop through a pool thread. How many batches a worker holds is the batcher's decision (its
+lanes), not Celery's. Flower shows each task's hand-off; the batch's run time is in the job
+metrics and the batcher's state. Celery cannot kill a stuck thread, so the time limit is enforced
+here:
 a batch whose predict is stuck past it is reported to the batcher and the process exits for its
 launcher to restart; the batcher runs the batch's jobs again as suspects, so a hanging item ends
 up alone and fails alone (`timeout`) while its mates finish.
@@ -25,6 +30,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 from typing import Any
 
 from celery import signals
@@ -41,7 +47,7 @@ from shared.store import JobStore
 from workers import context, liveness
 from workers.loop import LoopThread
 from workers.refresh import HeldEntries
-from workers.runtime import BatchReport, BatchRequest, ModelRuntime
+from workers.runtime import BatchRequest, ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +103,9 @@ class Worker:
             math.log2(max(2, spec.options.max_batch_size))) + 2
         self.runtime = ModelRuntime(spec, ctx, self.store,
                                     consumer=keys.worker_consumer(self.worker_id),
-                                    lane_free=self._lane_free, attempt_cap=attempt_cap,
+                                    lane_free=self._lane_freed, attempt_cap=attempt_cap,
                                     compute_thread_init=lambda: pin_thread(self.cores))
         self.app = make_celery(settings)
-        # Celery's CLI only names its built-in pools; a configured class is taken when -P is
-        # left out.
-        self.app.conf.worker_pool = "workers.pool:WakingThreadPool"
         self.app.task(name=BATCH_TASK)(self._task)
         liveness.install(self.app, self._beat, settings.heartbeat_interval_s)
         self._side_beat: concurrent.futures.Future[Any] | None = None
@@ -113,14 +116,23 @@ class Worker:
 
     def _task(self, model: str, batch_id: str, job_ids: list[str], dispatched_ms: float = 0,
               solo: bool = False, entries: list[str] | None = None) -> dict[str, Any]:
+        """The Celery task, on the consumer's thread: hand the batch to the loop and return."""
         req = BatchRequest(model, batch_id, job_ids, dispatched_ms, solo)
         self.held.add(batch_id, entries or [])
         self._show_batches()
-        try:
-            return self.loop.call(self._run(req))
-        finally:
-            self.held.remove(batch_id)
-            self._show_batches()
+        running = self.loop.spawn(self._run(req))
+        running.add_done_callback(lambda done: self._batch_over(batch_id, done))
+        return {"batch": batch_id, "jobs": len(job_ids)}
+
+    def _batch_over(self, batch_id: str, done: concurrent.futures.Future[Any]) -> None:
+        self.held.remove(batch_id)
+        self._show_batches()
+        if not done.cancelled() and done.exception() is not None:
+            log.error("batch failed worker=%s batch=%s error=%r", self.worker_id, batch_id,
+                      done.exception())
+
+    def _lane_freed(self, batch_id: str) -> None:
+        self.held.lane_freed(batch_id)
 
     def _show_batches(self) -> None:
         hb = self.heartbeat.hb
@@ -128,12 +140,6 @@ class Worker:
         hb.batches = self.held.before_lane_free()
         if hb.state in ("ready", "busy"):
             hb.state = "busy" if hb.busy else "ready"
-
-    async def _lane_free(self, report: BatchReport) -> None:
-        self.held.lane_freed(report.batch_id)
-        await self.redis.xadd(keys.completions(self.spec.name),
-                              self.runtime.report_fields(report),  # type: ignore[arg-type]
-                              maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
 
     def _beat(self) -> None:
         """On the Celery consumer's event loop: heartbeat, and keep held entries fresh."""
@@ -196,19 +202,28 @@ class Worker:
             signals.worker_shutting_down.connect(self._on_shutdown, weak=False)
             log.info("worker ready worker=%s device=%s lanes=%d queue=%s", self.worker_id,
                      self.device.label, self.lanes, self.queue)
-            # Threads: the lanes, one staged batch per lane, and room for batches finishing
-            # their postprocess, so a dispatched batch never waits in the queue.
             self.app.worker_main([
-                "worker", "-c", str(2 * (self.lanes + 1) + 2), "-n", self.worker_id,
-                "-Q", self.queue, "--without-gossip",
-                "--without-mingle", "--loglevel", self.settings.log_level,
+                "worker", "-P", "solo", "-n", self.worker_id, "-Q", self.queue,
+                "--without-gossip", "--without-mingle", "--loglevel", self.settings.log_level,
             ])
+            self._finish_running()
         finally:
             if self._side_beat is not None:
                 self._side_beat.cancel()
             self.loop.call(self.heartbeat.remove(), timeout_s=5)
             self.loop.stop()
             log.info("worker stopped worker=%s", self.worker_id)
+
+    def _finish_running(self) -> None:
+        """After Celery's warm shutdown (it takes no more batches): let the batches it handed
+        over finish, within their time limits."""
+        limit_s = 3 * self.spec.options.batch_timeout_s
+        deadline = time.monotonic() + limit_s
+        while len(self.held) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if len(self.held):
+            log.error("batches still running at exit worker=%s batches=%d", self.worker_id,
+                      len(self.held))
 
     def _on_shutdown(self, **_: Any) -> None:
         self.heartbeat.hb.state = "draining"

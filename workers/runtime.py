@@ -13,14 +13,15 @@ import concurrent.futures
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
+from shared import keys
 from shared.model import InferenceModel, ModelContext
 from shared.modelspec import ModelSpec
 from shared.store import JobStore, Outcome, Started
@@ -34,6 +35,7 @@ STUCK_GRACE_S = 2.0
 FINISH_RETRY_S = 30.0
 
 Outcome_ = Literal["ok", "error", "timeout"]
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class BatchRequest:
@@ -92,14 +94,15 @@ class ModelRuntime:
     (one per Celery slot); only `predict_concurrency` predicts overlap."""
 
     def __init__(self, spec: ModelSpec, ctx: ModelContext, store: JobStore, *, consumer: str,
-                 lane_free: Callable[[BatchReport], Awaitable[None]],
+                 lane_free: Callable[[str], None] | None = None,
                  compute_thread_init: Callable[[], None] | None = None,
                  attempt_cap: int = 0) -> None:
         self.spec = spec
         self.ctx = ctx
         self.store = store
         self.consumer = consumer
-        self._lane_free = lane_free
+        self._lane_free = lane_free or (lambda batch_id: None)
+        self._reports: set[asyncio.Task[None]] = set()
         self.attempt_cap = attempt_cap
         self.tail_ms = 0.0  # postprocess + final write, smoothed: reported with the next batch
         self.model: InferenceModel = spec.cls(**spec.params)
@@ -120,13 +123,17 @@ class ModelRuntime:
                  time.monotonic() - started)
 
     async def run_batch(self, req: BatchRequest) -> BatchReport:
-        """Run the batch and write every job's final state (one round trip each way)."""
+        """Run the batch and write every job's final state (one round trip each way).
+
+        A batch of one job runs preprocess, predict and postprocess in one hop to the compute
+        thread, and its lane report goes out in the same round trip as its final write."""
         t0 = time.monotonic()
         report = BatchReport(req.batch_id, rows=len(req.job_ids))
         if req.dispatched_ms:
             report.handoff_ms = round(max(0.0, time.time() * 1000 - req.dispatched_ms), 3)
         outcomes: list[Outcome] = []
         items: list[_Item] = []
+        whole = False  # the lone job's stages all ran: report with the final write
         try:
             starts = await self.store.start(req.job_ids, self.ctx.worker_name, self.ctx.device,
                                             consumer=self.consumer, solo=req.solo,
@@ -137,10 +144,14 @@ class ModelRuntime:
             for st in poison:
                 await self.store.dead_letter(req.model, st.job_id, st.attempts, "attempts")
             started_ms = time.time() * 1000
-            await self._each(items, self._parse_and_preprocess, "preprocess_error")
-            report.add_span("preprocess", t0, time.monotonic())
-            live = [it for it in items if it.error is None]
-            results = await self._predict([it.value for it in live], report) if live else []
+            if len(items) == 1:
+                await self._run_alone(items[0], report)
+                whole = True
+            else:
+                await self._each(items, self._parse_and_preprocess, "preprocess_error")
+                report.add_span("preprocess", t0, time.monotonic())
+                live = [it for it in items if it.error is None]
+                results = await self._predict([it.value for it in live], report) if live else []
         except BatchTimeout:
             report.outcome = "timeout"
             raise
@@ -151,15 +162,17 @@ class ModelRuntime:
             report.outcome = "error"
             raise
         finally:
-            await self._report_lane_free(report)
-        for it, res in zip(live, results, strict=True):
-            if isinstance(res, BaseException):
-                it.error = _item_error("predict_error", res)
-            else:
-                it.value = res
+            if not whole:
+                self._report_soon(report)
         q0 = time.monotonic()
-        await self._each(items, self._postprocess, "postprocess_error")
-        report.add_span("postprocess", q0, time.monotonic())
+        if not whole:
+            for it, res in zip(live, results, strict=True):
+                if isinstance(res, BaseException):
+                    it.error = _item_error("predict_error", res)
+                else:
+                    it.value = res
+            await self._each(items, self._postprocess, "postprocess_error")
+            report.add_span("postprocess", q0, time.monotonic())
 
         run_ms = round((time.monotonic() - t0) * 1000, 3)
         for it in items:
@@ -172,11 +185,59 @@ class ModelRuntime:
             else:
                 outcomes.append(Outcome(it.job_id, "failed", error=it.error, metrics=metrics))
                 report.failed += 1
-        if outcomes:
+        if whole:
+            self._lane_free(report.batch_id)
+            await self.finish(outcomes, report=self.report_fields(report))
+        elif outcomes:
             await self.finish(outcomes)
         tail_ms = (time.monotonic() - q0) * 1000
         self.tail_ms = tail_ms if not self.tail_ms else self.tail_ms + (tail_ms - self.tail_ms) / 8
         return report
+
+    async def _run_alone(self, it: _Item, report: BatchReport) -> None:
+        """One job: parse, preprocess, predict and postprocess in one hop to the compute thread
+        (a one-item batch has nothing to overlap, and each hop costs more than small stages)."""
+
+        spans: dict[str, tuple[float, float]] = {}
+
+        def stages() -> tuple[str | None, Any]:
+            t0 = time.monotonic()
+            try:
+                value = self._parse_and_preprocess(it.value)
+            except BaseException as exc:
+                return "preprocess_error", exc
+            finally:
+                spans["preprocess"] = (t0, time.monotonic())
+            p0 = time.monotonic()
+            try:
+                out = self.model.predict([value])
+                if len(out) != 1:
+                    raise ValueError(f"predict returned {len(out)} results for 1 item")
+            except Exception as exc:
+                return "predict_error", exc
+            finally:
+                spans["predict"] = (p0, time.monotonic())
+            q0 = time.monotonic()
+            try:
+                return None, self._postprocess(out[0])
+            except BaseException as exc:
+                return "postprocess_error", exc
+            finally:
+                spans["postprocess"] = (q0, time.monotonic())
+
+        w0 = time.monotonic()
+        async with self._predict_slots:
+            report.lane_wait_ms += (time.monotonic() - w0) * 1000
+            kind, value = await self._on_compute_thread(stages, 1)
+        for name, (start, end) in spans.items():
+            report.add_span(name, start, end)
+        if "predict" in spans:
+            report.predict_ms += (spans["predict"][1] - spans["predict"][0]) * 1000
+        if kind is None:
+            it.value = value
+        else:
+            invalid = kind == "preprocess_error" and isinstance(value, ValidationError)
+            it.error = _item_error("invalid_input" if invalid else kind, value)
 
     def _sort(self, st: Started, items: list[_Item], outcomes: list[Outcome],
               report: BatchReport, poison: list[Started]) -> None:
@@ -194,20 +255,34 @@ class ModelRuntime:
         else:  # moved, canceled, already final, missing
             report.skipped += 1
 
-    async def _report_lane_free(self, report: BatchReport) -> None:
+    def _report_soon(self, report: BatchReport) -> None:
+        """Tell the batcher the lane is free, without waiting for the reply: the postprocess
+        and the final write go on meanwhile."""
+        self._lane_free(report.batch_id)
+        task = asyncio.create_task(self._send_report(report))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _send_report(self, report: BatchReport) -> None:
         try:
-            await self._lane_free(report)
+            await self.store.redis.xadd(
+                keys.completions(self.spec.name),
+                self.report_fields(report),  # type: ignore[arg-type]
+                maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
         except (RedisError, OSError) as exc:
-            # The batcher then frees the lane when its heartbeat says the batch is gone.
+            # The batcher then learns the lane is free from the worker's heartbeat.
             log.warning("lane report failed batch=%s error=%s", report.batch_id, exc)
 
-    async def finish(self, outcomes: list[Outcome]) -> None:
-        """Write final states, riding out a Redis outage of up to FINISH_RETRY_S."""
+    async def finish(self, outcomes: list[Outcome],
+                     report: dict[str, str] | None = None) -> None:
+        """Write final states (and the lane report with them, when given), riding out a Redis
+        outage of up to FINISH_RETRY_S."""
         deadline = time.monotonic() + FINISH_RETRY_S
         backoff_s = 0.05
+        extra = None if report is None else (keys.completions(self.spec.name), report)
         while True:
             try:
-                await self.store.finish(outcomes)
+                await self.store.finish(outcomes, report=extra)
                 return
             except (RedisError, OSError) as exc:
                 if time.monotonic() >= deadline:
@@ -283,9 +358,12 @@ class ModelRuntime:
                     + await self._predict(batch[mid:], report))
 
     async def _call_predict(self, batch: list[Any]) -> Any:
-        """The model's predict on the compute thread, within the time limit (plus a grace in
-        which a late result is still taken)."""
-        work = self._predict_pool.submit(self.model.predict, batch)
+        return await self._on_compute_thread(lambda: self.model.predict(batch), len(batch))
+
+    async def _on_compute_thread(self, fn: Callable[[], T], size: int) -> T:
+        """`fn` on the compute thread, within the time limit (plus a grace in which a late
+        result is still taken)."""
+        work = self._predict_pool.submit(fn)
         future = asyncio.wrap_future(work)
         limit_s = self.spec.options.batch_timeout_s
         try:
@@ -299,7 +377,7 @@ class ModelRuntime:
             self.abandoned.append(work)
             raise BatchTimeout(limit_s) from None
         log.warning("predict finished past its time limit model=%s size=%d limit_s=%s",
-                    self.spec.name, len(batch), limit_s)
+                    self.spec.name, size, limit_s)
         return out
 
     @property

@@ -71,6 +71,35 @@ def test_probes_cap_the_first_batches_at_1_1_1_2_3_rows() -> None:
     assert snap.a_s == pytest.approx(A) and snap.b_s == pytest.approx(B)
 
 
+def test_at_light_load_a_probe_waits_for_its_rows_so_the_fit_sees_1_2_3() -> None:
+    clock = FakeClock()
+    p = make(clock, max_batch_size=32, max_latency_ms=200.0)
+    sizes = []
+    for i in range(40):  # 25 jobs/s, one at a time, each batch done before the next arrival
+        p.add(item(f"r{i}", clock.now))
+        d = p.decide(1)
+        if isinstance(d, Release):
+            sizes.append(d.rows)
+            p.on_complete(d.batch_id, d.rows, A * d.rows + B)
+        else:
+            assert isinstance(d, Wait) and d.until_s is not None
+            assert d.until_s <= clock.now + 0.1  # at most half the budget
+        clock.now += 0.040
+    assert sizes[:5] == [1, 1, 1, 2, 3]
+    snap = p.snapshot()
+    assert snap.a_s == pytest.approx(A) and snap.b_s == pytest.approx(B)
+
+
+def test_a_trickle_is_never_held_for_a_probe() -> None:
+    clock = FakeClock()
+    p = make(clock, max_batch_size=32, max_latency_ms=200.0)
+    for i in range(10):  # one request every 500 ms
+        p.add(item(f"r{i}", clock.now))
+        d = release(p.decide(1))
+        p.on_complete(d.batch_id, d.rows, A * d.rows + B)
+        clock.now += 0.5
+
+
 def test_lone_request_at_light_load_is_released_at_once() -> None:
     clock = FakeClock()
     p = make(clock)

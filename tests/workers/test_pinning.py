@@ -51,7 +51,7 @@ async def test_load_and_predict_run_on_the_slot_core_and_nothing_else_is_pinned(
     runtime = ModelRuntime(spec, ModelContext(model="aff", worker_index=2, device="cpu",
                                               worker_name="aff-2"),
                            JobStore(redis, result_ttl_s=60, job_ttl_s=60), consumer="w:aff-2",
-                           lane_free=_ignore, compute_thread_init=lambda: pin_thread(cores))
+                           compute_thread_init=lambda: pin_thread(cores))
     try:
         runtime.load()
         out = await runtime._predict([Item(x=1)], BatchReport("b", 1))
@@ -60,10 +60,6 @@ async def test_load_and_predict_run_on_the_slot_core_and_nothing_else_is_pinned(
         assert os.sched_getaffinity(0) == everything  # the calling thread was left alone
     finally:
         await redis.aclose()
-
-
-async def _ignore(report: BatchReport) -> None:
-    """The lane report goes nowhere: this test calls the predict step alone."""
 
 
 def test_a_gpu_worker_is_not_pinned() -> None:
