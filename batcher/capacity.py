@@ -14,7 +14,12 @@ report.
 
 A batch stops being outstanding when its worker reports its predict done (or failed, or timed
 out); a worker that vanishes from the live set takes its outstanding batches with it (the caller
-turns them into suspects, see `batcher.recovery`).
+turns them into suspects, see `batcher.recovery`). A report can be lost (a Redis outage): every
+heartbeat lists the batches the worker holds before their predict ends, so a batch missing from
+`LOST_AFTER_BEATS` new heartbeats in a row is over too.
+
+A worker running suspects (`isolate`) gets nothing else until that batch is over: if a suspect
+kills its worker, it takes no healthy batch down with it, and every death it causes is its own.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 STAGED = 1  # batches per lane a worker may hold waiting for it
+LOST_AFTER_BEATS = 3  # heartbeats in a row that do not list an outstanding batch: it is over
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class WorkerInfo:
     lanes: int
     serving: bool  # ready or busy; starting and draining workers take no new batch
     batches: tuple[str, ...] = ()  # batches it holds that have not reached their lane's end
+    beat: int = 0  # the heartbeat's sequence number
 
 
 @dataclass
@@ -42,6 +49,7 @@ class Outstanding:
     batch_id: str
     dispatched_s: float
     busy_until_s: float | None  # None: unknown (a batch of an earlier leader), busy until reported
+    misses: int = 0  # heartbeats since its dispatch that did not list it
 
 
 @dataclass
@@ -50,6 +58,8 @@ class _Worker:
     serving: bool
     outstanding: dict[str, Outstanding] = field(default_factory=dict)
     last_dispatch_s: float = float("-inf")
+    beat: int = -1
+    isolated: str | None = None  # the suspect batch it runs alone
 
     def busy(self, now: float, lead_s: float) -> int:
         if lead_s <= 0:
@@ -58,13 +68,34 @@ class _Worker:
                    if o.busy_until_s is None or o.busy_until_s - lead_s > now)
 
     def free(self, now: float, lead_s: float) -> int:
-        if not self.serving:
+        if not self.serving or self.isolated is not None:
             return 0
         return max(0, min(self.lanes - self.busy(now, lead_s),
                           self.lanes * (1 + STAGED) - len(self.outstanding)))
 
     def idle(self) -> int:
         return max(0, self.lanes - len(self.outstanding))
+
+    def missed(self, listed: tuple[str, ...]) -> list[Outstanding]:
+        """A new heartbeat: count it against every outstanding batch it does not list; returns
+        (and forgets) those missed too often."""
+        lost = []
+        for o in list(self.outstanding.values()):
+            o.misses = 0 if o.batch_id in listed else o.misses + 1
+            if o.misses >= LOST_AFTER_BEATS:
+                del self.outstanding[o.batch_id]
+                if self.isolated == o.batch_id:
+                    self.isolated = None
+                lost.append(o)
+        return lost
+
+
+@dataclass
+class Synced:
+    """What a `Capacity.sync` found."""
+
+    gone: dict[str, list[Outstanding]] = field(default_factory=dict)
+    lost: list[tuple[str, Outstanding]] = field(default_factory=list)
 
 
 class Capacity:
@@ -90,10 +121,14 @@ class Capacity:
     def outstanding(self) -> int:
         return sum(len(w.outstanding) for w in self._workers.values())
 
-    def sync(self, live: Iterable[WorkerInfo], now: float) -> dict[str, list[Outstanding]]:
-        """Update from the live workers; returns the workers that are gone, with the batches
-        they held. A worker seen for the first time brings the batches its heartbeat names
-        (dispatched by an earlier leader): they hold a lane until reported."""
+    def sync(self, live: Iterable[WorkerInfo], now: float, *,
+             keep_missing: bool = False) -> Synced:
+        """Update from the live workers. Returns the workers that are gone, with the batches they
+        held, and the batches whose report was lost. A worker seen for the first time brings the
+        batches its heartbeat names (dispatched by an earlier leader): they hold a lane until
+        reported. `keep_missing`: nobody is declared gone (Redis just came back, and the workers'
+        liveness keys with it are not all back yet)."""
+        synced = Synced()
         seen: set[str] = set()
         for info in live:
             seen.add(info.worker_id)
@@ -103,11 +138,16 @@ class Capacity:
                 for batch_id in info.batches:
                     w.outstanding[batch_id] = Outstanding(batch_id, now, None)
             w.lanes, w.serving = max(1, info.lanes), info.serving
-        gone = {wid: list(w.outstanding.values())
-                for wid, w in self._workers.items() if wid not in seen}
-        for wid in gone:
+            if info.beat > w.beat >= 0:
+                synced.lost += [(info.worker_id, o) for o in w.missed(info.batches)]
+            w.beat = max(w.beat, info.beat)
+        if keep_missing:
+            return synced
+        synced.gone = {wid: list(w.outstanding.values())
+                       for wid, w in self._workers.items() if wid not in seen}
+        for wid in synced.gone:
             del self._workers[wid]
-        return gone
+        return synced
 
     def free_lanes(self, now: float) -> int:
         """Batches that may be dispatched now."""
@@ -124,12 +164,13 @@ class Capacity:
                  if o.busy_until_s is not None and o.busy_until_s - self.lead_s > now]
         return min(times) if times else None
 
-    def pick(self, now: float) -> str | None:
+    def pick(self, now: float, *, alone: bool = False) -> str | None:
         """The worker for the next batch: most idle lanes first (spread the load; an idle lane
-        starts at once), then the one that got a batch least recently."""
+        starts at once), then the one that got a batch least recently. `alone`: only a worker
+        that holds nothing (for suspects)."""
         best: tuple[int, float, str] | None = None
         for wid, w in self._workers.items():
-            if w.free(now, self.lead_s) <= 0:
+            if w.free(now, self.lead_s) <= 0 or (alone and w.outstanding):
                 continue
             key = (-w.idle(), w.last_dispatch_s, wid)
             if best is None or key < best:
@@ -139,7 +180,9 @@ class Capacity:
     def dispatched(self, worker_id: str, batch_id: str, now: float, predict_s: float) -> None:
         """A batch went to `worker_id`; its predict should start after the lead, or when the
         lane it waits for is expected free, and hold that lane for `predict_s`."""
-        w = self._workers[worker_id]
+        w = self._workers.get(worker_id)
+        if w is None:  # it died while the batch was on its way: its death sorts the batch out
+            return
         ready = now + self.lead_s
         ends = sorted(o.busy_until_s for o in w.outstanding.values()
                        if o.busy_until_s is not None and o.busy_until_s > ready)
@@ -147,10 +190,20 @@ class Capacity:
         w.outstanding[batch_id] = Outstanding(batch_id, now, start + predict_s)
         w.last_dispatch_s = now
 
+    def isolate(self, worker_id: str, batch_id: str) -> None:
+        """The worker runs suspects: nothing else goes to it until `batch_id` is over."""
+        w = self._workers.get(worker_id)
+        if w is not None:
+            w.isolated = batch_id
+
     def reported(self, worker_id: str, batch_id: str) -> Outstanding | None:
         """The worker reported the batch's predict over; returns what was outstanding."""
         w = self._workers.get(worker_id)
-        return None if w is None else w.outstanding.pop(batch_id, None)
+        if w is None:
+            return None
+        if w.isolated == batch_id:
+            w.isolated = None
+        return w.outstanding.pop(batch_id, None)
 
     def holder(self, batch_id: str) -> str | None:
         for wid, w in self._workers.items():

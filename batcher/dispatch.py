@@ -20,11 +20,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from celery import Celery
 
-from batcher.lease import Fenced, Lease
+from batcher.lease import Lease
 from batcher.streams import Entry, ModelStreams, entry_key, make_entry
 from shared import keys, scripts
 from shared.celeryapp import BATCH_TASK
 from shared.celerywire import task_message
+from shared.errors import Fenced
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Dispatcher:
         queue = keys.worker_queue(self.model, worker_id)
         _, message = task_message(self.celery, BATCH_TASK, queue, task_args,
                                   {"solo": solo, "entries": refs})
-        args.append(message)
+        args += [message, self.streams.consumer]
         for e in entries:
             args += [names.index(e.stream) + 3, e.entry_id]  # its place in KEYS
         reply = await self._dispatch(keys=[self.lease.key, queue, *names], args=args)
@@ -114,8 +115,13 @@ class Dispatcher:
         return out
 
     async def forget_worker(self, worker_id: str) -> None:
-        """Delete a dead worker's queue (a task it never took) and its record."""
+        """Delete a dead worker's queue (a task it never took), its record, and its binding to
+        Celery's remote-control exchange (its name is new at every start)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(*keys.kombu_queue_keys(keys.worker_queue(self.model, worker_id)))
         pipe.hdel(keys.workers(self.model), worker_id)
         await pipe.execute()
+        pidbox = keys.KOMBU_PIDBOX_BINDINGS
+        stale = [m async for m in self.redis.sscan_iter(pidbox, match=f"*{worker_id}*")]
+        if stale:
+            await self.redis.srem(pidbox, *stale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -18,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared import keys, scripts
+from shared.errors import Fenced
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,6 @@ log = logging.getLogger(__name__)
 # call; the process exits (its supervisor restarts it) rather than leave it running.
 STOP_GRACE_S = 5.0
 EXIT_STUCK = 75
-
-
-class Fenced(Exception):
-    """A fenced call found that this batcher's term on the model is over."""
 
 
 class Lease:
@@ -85,6 +83,7 @@ async def serve_while_leader(lease: Lease,
             continue
         log.info("leader model=%s token=%s", model, lease.token)
         task: asyncio.Task[None] = asyncio.create_task(serve(lease), name=f"serve:{model}")
+        renewed_s = time.monotonic()
         try:
             while not task.done():
                 done, _ = await asyncio.wait({task}, timeout=period_s)
@@ -92,11 +91,17 @@ async def serve_while_leader(lease: Lease,
                     break
                 try:
                     held = await lease.renew()
-                except (RedisError, OSError):
+                except (RedisError, OSError) as exc:
+                    # Unknown, not lost: retry until the lease would have run out by now.
+                    if time.monotonic() - renewed_s < 0.8 * lease.ttl_ms / 1000:
+                        log.warning("lease renew failed, retrying model=%s error=%s", model,
+                                    exc)
+                        continue
                     held = False
                 if not held:
                     log.warning("lease lost model=%s holder=%s", model, lease.holder)
                     break
+                renewed_s = time.monotonic()
         finally:
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)

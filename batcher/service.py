@@ -25,15 +25,16 @@ from celery import Celery
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from batcher.capacity import Capacity, WorkerInfo
+from batcher.capacity import Capacity, Outstanding, WorkerInfo
 from batcher.dispatch import Claimed, Dispatcher
 from batcher.latency import Overhead
 from batcher.lease import Lease
 from batcher.policy import BatchingPolicy, Pending, PolicyConfig, Release, Shed
 from batcher.recovery import Death, Recovery, fate_of
-from batcher.stats import BatcherStats
+from batcher.state import BatcherStats, published_state
 from batcher.streams import Entry, ModelStreams, mono_from_epoch_ms, stream_items
 from shared import keys
+from shared.errors import Fenced
 from shared.heartbeats import SERVING_STATES, live_workers
 from shared.modelspec import ModelSpec
 from shared.settings import Settings
@@ -46,6 +47,8 @@ READ_BLOCK_MS = 1000
 LIVENESS_S = 0.5  # how often worker liveness is checked (deaths are found within lapse + this)
 TAKEOVER_EVERY_S = 5.0  # sweep for entries of consumers that vanished unseen
 STATE_EVERY_S = 1.0
+ORPHAN_IDLE_MS = 5000  # an entry on our own consumer this idle and known nowhere is taken back
+TIMEOUT_EXIT_S = 10.0  # a worker that reported a timeout and lives on after this: it recovered
 
 
 @dataclass
@@ -68,7 +71,8 @@ class Flight:
 class _Timers:
     next_takeover_s: float = 0.0
     next_state_s: float = 0.0
-    lost: dict[str, list[Flight]] = field(default_factory=dict)  # worker -> timed-out flights
+    # worker -> (when, flight) of batches it reported timed out: they come back with its death
+    lost: dict[str, list[tuple[float, Flight]]] = field(default_factory=dict)
 
 
 class ModelBatcher:
@@ -101,6 +105,11 @@ class ModelBatcher:
         self.by_job: dict[str, str] = {}  # job id -> entry key, for cancels
         self.suspects: dict[str, Entry] = {}  # entry key -> entry, waiting in recovery
         self.flights: dict[str, Flight] = {}
+        self.dispatching: set[str] = set()  # entry keys inside a DISPATCH call right now
+        self.lease = lease
+        # Until Redis has been up for a lapse and a beat, a missing liveness key proves nothing
+        # (a restart loses them, and the workers need a moment to beat again).
+        self.unsettled = True
         self.stats = BatcherStats()
         self.timers = _Timers()
         self.wake = asyncio.Event()
@@ -120,6 +129,9 @@ class ModelBatcher:
         """Serve until cancelled or fenced. Every loop runs in one TaskGroup, so an error in any
         of them ends the term here instead of disappearing."""
         await self.streams.ensure_groups()
+        # Reports from here on: taken before the workers' heartbeats are first read, so no
+        # batch they list can have its report slip between the two.
+        self._last_report = await self._reports_cursor()
         self._accept(await self.streams.read_own_pending())
         await self._refresh_liveness()
         await self._takeover()
@@ -145,6 +157,7 @@ class ModelBatcher:
             try:
                 await step()
             except (RedisError, OSError, KombuError) as exc:
+                self.unsettled = True
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log.warning("redis error model=%s loop=%s error=%s", self.model, name, exc)
@@ -199,6 +212,10 @@ class ModelBatcher:
 
     # -- reports from workers ---------------------------------------------------------------
 
+    async def _reports_cursor(self) -> str:
+        last = await self.reader.xrevrange(keys.completions(self.model), count=1)
+        return str(last[0][0]) if last else "0-0"
+
     async def _reports_once(self) -> None:
         stream = keys.completions(self.model)
         reply = await self.reader.xread({stream: self._last_report}, block=READ_BLOCK_MS,
@@ -223,24 +240,31 @@ class ModelBatcher:
         if outcome == "timeout":
             # The worker exits; its entries come back through its death, split at once.
             flight.how = "timeout"
-            self.timers.lost.setdefault(worker, []).append(flight)
+            self.timers.lost.setdefault(worker, []).append((now, flight))
+            return
+        predict_s = float(fields.get("predict_ms", 0)) / 1000
+        if outcome != "ok" or predict_s <= 0:
+            self._end_flight(flight)
             return
         self.recovery.done(batch_id)
-        predict_s = float(fields.get("predict_ms", 0)) / 1000
         queued_s = float(fields.get("lane_wait_ms", 0)) / 1000
         tail_s = float(fields.get("tail_ms", 0)) / 1000
         lead_s = max(0.0, now - flight.dispatched_s - predict_s - queued_s)
-        if outcome == "ok" and predict_s > 0:
-            self.lead.observe(lead_s)
-            self.capacity.lead_s = self.lead.value_s
-        overhead_s = lead_s + tail_s
+        self.lead.observe(lead_s)
+        self.capacity.lead_s = self.lead.value_s
         if flight.policy_batch is not None:
-            if outcome == "ok" and predict_s > 0:
-                self.policy.on_complete(flight.policy_batch, flight.rows, predict_s, overhead_s)
-            else:
-                self.policy.forget(flight.policy_batch)
+            self.policy.on_complete(flight.policy_batch, flight.rows, predict_s, lead_s + tail_s)
         handoff = fields.get("handoff_ms")
         self.stats.done(now, flight.rows, float(handoff) if handoff else None)
+
+    def _end_flight(self, flight: Flight) -> None:
+        """A batch is over without a usable report (it failed, or its report was lost): its
+        jobs were finished by its worker, or come back when nobody refreshes their entries."""
+        self.flights.pop(flight.batch_id, None)
+        if flight.policy_batch is not None:
+            self.policy.forget(flight.policy_batch)
+        self.recovery.done(flight.batch_id)
+        self.wake.set()
 
     # -- liveness and recovery ----------------------------------------------------------------
 
@@ -249,23 +273,48 @@ class ModelBatcher:
         now = self.clock()
         if now >= self.timers.next_takeover_s:
             await self._takeover()
+            await self._sweep_own()
         if now >= self.timers.next_state_s:
             await self._publish_state(now)
             self.timers.next_state_s = now + STATE_EVERY_S
         await asyncio.sleep(LIVENESS_S)
 
+    async def _settled(self) -> bool:
+        """Whether Redis has been up long enough for liveness keys to mean something."""
+        if self.unsettled:
+            info = await self.redis.info("server")
+            lapse_s = self.settings.heartbeat_lapse_s + 2 * self.settings.heartbeat_interval_s
+            self.unsettled = float(info.get("uptime_in_seconds", 0)) < lapse_s
+        return not self.unsettled
+
     async def _refresh_liveness(self) -> None:
         records = await live_workers(self.redis, self.model)
         infos = [WorkerInfo(str(r["name"]), int(r.get("lanes", r.get("slots", 1))),
-                            r.get("state") in SERVING_STATES, tuple(r.get("batches") or ()))
+                            r.get("state") in SERVING_STATES, tuple(r.get("batches") or ()),
+                            int(r.get("beat", 0)))
                  for r in records]
         before = self.capacity.lanes
-        gone = self.capacity.sync(infos, self.clock())
+        settled = await self._settled()
+        synced = self.capacity.sync(infos, self.clock(), keep_missing=not settled)
         if self.capacity.lanes != before:
             log.info("capacity model=%s lanes=%d workers=%d", self.model, self.capacity.lanes,
                      self.capacity.workers)
             self.wake.set()
-        gone.update({w: [] for w in self.timers.lost if w not in self.capacity})
+        for worker, lost in synced.lost:
+            flight = self.flights.get(lost.batch_id)
+            log.warning("report lost model=%s worker=%s batch=%s", self.model, worker,
+                        lost.batch_id)
+            if flight is not None:
+                self._end_flight(flight)
+        gone: dict[str, list[Outstanding]] = synced.gone
+        now = self.clock()
+        for worker, parked in list(self.timers.lost.items()):
+            if worker not in self.capacity:
+                gone.setdefault(worker, [])
+            elif parked and now - parked[0][0] > TIMEOUT_EXIT_S:
+                # It reported a timeout and lives on: its predict came back after all.
+                for _, flight in self.timers.lost.pop(worker):
+                    self._end_flight(flight)
         if gone:
             for worker in gone:
                 log.warning("worker dead model=%s worker=%s batches=%d", self.model, worker,
@@ -276,6 +325,8 @@ class ModelBatcher:
     async def _takeover(self, dead: set[str] | None = None) -> None:
         """Claim what nobody alive holds, and sort it: back to the queue, suspects, or done."""
         self.timers.next_takeover_s = self.clock() + TAKEOVER_EVERY_S
+        if not await self._settled():
+            return
         claimed = await self.dispatcher.takeover()
         # Workers whose entries were claimed and who are not live (a live worker only loses
         # the entries it stopped refreshing: a batch it gave up on).
@@ -283,21 +334,30 @@ class ModelBatcher:
                                   if c.worker_id and c.worker_id not in self.capacity}
         flights = [f for f in self.flights.values() if f.worker in dead]
         for worker in dead:
-            flights += self.timers.lost.pop(worker, [])
+            flights += [f for _, f in self.timers.lost.pop(worker, [])]
         for f in flights:
             self.flights.pop(f.batch_id, None)
             if f.policy_batch is not None:
                 self.policy.forget(f.policy_batch)
-        if claimed:
-            await self._sort_claimed(claimed, flights)
-        else:
-            for f in flights:
-                self.recovery.done(f.batch_id)  # nothing of theirs was left to run
+        await self._sort_claimed(claimed, flights)
         for worker in dead:
             await self.dispatcher.forget_worker(worker)
         self.wake.set()
 
+    async def _sweep_own(self) -> None:
+        """Entries pending on our own consumer that we know nowhere (a takeover interrupted
+        by an error after its script ran, a dispatch rolled back by a Redis restart): take them
+        in again, as the takeover would."""
+        known = set(self.held) | set(self.suspects) | self.dispatching
+        orphans = [e for e in await self.streams.own_idle(ORPHAN_IDLE_MS) if e.key not in known]
+        if orphans:
+            log.warning("orphans on own consumer model=%s count=%d", self.model, len(orphans))
+            await self._sort_claimed([Claimed(e, self.consumer) for e in orphans], [])
+
     async def _sort_claimed(self, claimed: list[Claimed], flights: list[Flight]) -> None:
+        """Sort claimed entries by their job's status (`batcher.recovery.fate_of`): queued
+        ones go back to the policy, running ones become suspects (grouped by the batch they
+        were in, when known), the rest are dropped."""
         statuses = await self.store.statuses([c.entry.job_id for c in claimed])
         requeue: list[Entry] = []
         drop: list[Entry] = []
@@ -313,25 +373,28 @@ class ModelBatcher:
         if drop:
             await self.streams.drop(drop)
         self.recovery.discard(e.key for e in drop + requeue)
+        for e in drop + requeue:
+            self.suspects.pop(e.key, None)
         for f in flights:
             keys_of = [e.key for e in f.entries if e.key in running]
-            if f.policy_batch is None and self.recovery.died(f.batch_id) is not None:
-                self.recovery.discard(k for k in (e.key for e in f.entries) if k not in running)
-            else:
-                self.recovery.done(f.batch_id)
+            if f.policy_batch is not None or self.recovery.died(f.batch_id) is None:
                 self.recovery.add(keys_of, f.how)
             for k in keys_of:
                 self.suspects[k] = running.pop(k)
-        if running:  # held by a worker this term never dispatched to
-            self.recovery.add(list(running), "died")
-            self.suspects.update(running)
+        # Held by a worker this term never dispatched to: groups of at most one full batch.
+        left = list(running)
+        size = self.spec.options.max_batch_size
+        for i in range(0, len(left), size):
+            self.recovery.add(left[i:i + size], "died")
+        self.suspects.update(running)
         for e in self.suspects.values():
             self.by_job[e.job_id] = e.key
         self.stats.requeued += len(requeue)
         if requeue:
             self._accept(requeue)
-        log.info("recovered model=%s requeued=%d suspects=%d done=%d", self.model,
-                 len(requeue), len(self.recovery), len(drop))
+        if claimed:
+            log.info("recovered model=%s requeued=%d suspects=%d done=%d", self.model,
+                     len(requeue), len(self.recovery), len(drop))
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -347,13 +410,13 @@ class ModelBatcher:
         while True:
             now = self.clock()
             group = self.recovery.next_group()
-            worker = self.capacity.pick(now)
-            if group is not None and worker is not None:
+            alone = self.capacity.pick(now, alone=True) if group is not None else None
+            if group is not None and alone is not None:
                 entries = [self.suspects[k] for k in group.keys if k in self.suspects]
                 batch_id = self._new_batch_id("suspects")
                 self.recovery.dispatched(group, batch_id)
                 self.stats.suspects_run += 1
-                await self._dispatch(worker, batch_id, entries, "suspects", None, group.solo)
+                await self._dispatch(alone, batch_id, entries, "suspects", None, group.solo)
                 continue
             decision = self.policy.decide(self.capacity.free_lanes(now))
             if isinstance(decision, Release):
@@ -380,35 +443,38 @@ class ModelBatcher:
                         policy_batch: str | None, solo: bool = False) -> None:
         now = self.clock()
         rows = sum(e.rows for e in entries)
+        self.dispatching = {e.key for e in entries}
         try:
             held = await self.dispatcher.send(worker, batch_id, entries, solo=solo)
         except (RedisError, OSError):
-            # Not handed over (or not known to be): the entries wait again; a copy that did
-            # reach the worker is refused by its START once they are dispatched elsewhere.
+            # Not handed over (or not known to be): the entries wait again. If the script did
+            # run, they are the worker's now and the next dispatch leaves them out.
             self._restore(entries, policy_batch)
             if policy_batch is None:
                 self.recovery.undispatched(batch_id)
             raise
+        finally:
+            self.dispatching = set()
         sent = [e for e in entries if e.key in held]
         for e in entries:
-            if e.key not in held:  # canceled meanwhile
-                self.by_job.pop(e.job_id, None)
-                self.suspects.pop(e.key, None)
+            self.by_job.pop(e.job_id, None)
+            self.suspects.pop(e.key, None)
         if not sent:
             if policy_batch is not None:
                 self.policy.forget(policy_batch)
             else:
                 self.recovery.done(batch_id)
             return
-        for e in sent:
-            self.by_job.pop(e.job_id, None)
-            self.suspects.pop(e.key, None)
         self.flights[batch_id] = Flight(batch_id, worker, sent, now, policy_batch)
         self.capacity.dispatched(worker, batch_id, now, self.policy.predict_s(rows))
+        if policy_batch is None:
+            self.capacity.isolate(worker, batch_id)
         wall = time.time()
         self.stats.dispatched(reason, sum(e.rows for e in sent),
                               [wall - e.submitted_ms / 1000 for e in sent])
         self.room.set()
+        if worker not in self.capacity:  # it died while the batch was on its way
+            await self._takeover(dead={worker})
 
     def _restore(self, entries: list[Entry], policy_batch: str | None) -> None:
         if policy_batch is not None:
@@ -426,24 +492,25 @@ class ModelBatcher:
         err = ({"type": "expired", "message": "the job waited longer than its ttl_s"} if expired
                else {"type": "overloaded", "message": "the model cannot serve this job within "
                      f"max_latency_ms={self.spec.options.max_latency_ms}"})
-        await self.store.finish([Outcome(e.job_id, status, error=err) for e in entries])
+        await self.store.finish([Outcome(e.job_id, status, error=err) for e in entries],
+                                fence=self._fence())
         await self.streams.drop(entries)
         self.stats.reasons[decision.reason] += len(entries)
 
     # -- published state ----------------------------------------------------------------------
 
+    def _fence(self) -> tuple[str, str]:
+        if self.lease.token is None:
+            raise Fenced(self.model)
+        return self.lease.key, self.lease.token
+
     async def _publish_state(self, now: float) -> None:
-        snap = self.policy.snapshot()
-        state = {
-            "a_s": snap.a_s, "b_s": snap.b_s, "overhead_s": snap.extra.get("overhead_s"),
-            "avg_wait_ms": snap.avg_wait_ms, "in_flight": len(self.flights),
-            "queue_rows": snap.queue_rows, "held": len(self.held),
-            "suspects": len(self.recovery), "lanes": self.capacity.lanes,
-            "slots": self.capacity.lanes, "free_lanes": self.capacity.free_lanes(now),
-            "lead_ms": 1000 * self.lead.value_s,
-            "workers": self.capacity.workers, "warning": snap.warning,
-            "batcher": self.consumer, "policy": snap.extra, **self.stats.as_dict(now),
-        }
+        self._fence()  # a batcher whose term ended publishes nothing
+        state = published_state(
+            snap=self.policy.snapshot(), stats=self.stats, now=now, batcher=self.consumer,
+            in_flight=len(self.flights), held=len(self.held), suspects=len(self.recovery),
+            lanes=self.capacity.lanes, free_lanes=self.capacity.free_lanes(now),
+            workers=self.capacity.workers, lead_s=self.lead.value_s)
         await self.redis.set(keys.batcher_state(self.model), json.dumps(state),
                              ex=keys.BATCHER_STATE_TTL_S)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -94,6 +95,22 @@ class ModelStreams:
             keys.BATCHER_GROUP, self.consumer, dict.fromkeys(self.streams, "0"), count=10_000)
         return [e for stream, entries in stream_items(reply) for entry_id, fields in entries
                 if (e := make_entry(stream, self.streams[stream], entry_id, fields)) is not None]
+
+    async def own_idle(self, min_idle_ms: int, count: int = 1000) -> list[Entry]:
+        """Entries pending on this consumer, idle at least `min_idle_ms` (their idle time
+        restarts: they are claimed to this consumer again)."""
+        out: list[Entry] = []
+        for stream, priority in self.streams.items():
+            pending = await self.redis.xpending_range(
+                stream, keys.BATCHER_GROUP, "-", "+", count, consumername=self.consumer,
+                idle=min_idle_ms)
+            ids: list[Any] = [p["message_id"] for p in pending]
+            if ids:
+                claimed: Any = await self.redis.xclaim(stream, keys.BATCHER_GROUP,
+                                                       self.consumer, 0, ids)
+                out += [e for i, f in claimed
+                        if (e := make_entry(stream, priority, str(i), f)) is not None]
+        return out
 
     async def drop(self, entries: list[Entry]) -> None:
         """Ack and delete entries whose jobs were finished by the batcher (shed, expired)."""

@@ -68,3 +68,10 @@ class ConfigError(AsyncInferError):
     """A models configuration or setting that cannot work; raised at start-up."""
 
     type = "config"
+
+
+class Fenced(AsyncInferError):
+    """A batcher's fenced write found its term on the model over: another batcher leads now.
+    Never reaches a client; the batcher ends its term and changes nothing more."""
+
+    status, type = 503, "fenced"

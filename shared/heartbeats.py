@@ -40,6 +40,7 @@ class Heartbeat:
     state: State = "starting"
     busy: int = 0  # batches it holds
     batches: list[str] = field(default_factory=list)  # those whose predict is not over
+    beat: int = 0  # counts this worker's heartbeats (a batcher compares two of them)
     pid: int = 0
     host: str = ""
     cores: list[int] = field(default_factory=list)
@@ -84,6 +85,7 @@ class HeartbeatPublisher:
 
     async def publish(self) -> None:
         """One beat: the record and the liveness key, one round trip."""
+        self.hb.beat += 1
         self.hb.expires_ms = int(time.time() * 1000 + self.lapse_ms * keys.HEARTBEAT_RECORD_FACTOR)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.workers(self.hb.model), self.hb.name, json.dumps(asdict(self.hb)))

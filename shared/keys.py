@@ -167,6 +167,10 @@ KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
 
 
+# kombu's bindings of Celery's remote-control (pidbox) exchange: one member per worker name.
+KOMBU_PIDBOX_BINDINGS = "_kombu.binding.celery.pidbox"
+
+
 def kombu_queue_keys(queue: str) -> list[str]:
     """Every Redis key kombu keeps for one queue."""
     return [queue, *(f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS),

@@ -100,6 +100,8 @@ for i, key in ipairs(KEYS) do
         or tonumber(st[5] or '0') >= tonumber(ARGV[8]) then
       out[i] = {'poison', tonumber(st[5] or '0')}
     else
+      -- From here the worker refreshes the entry on every beat; start its idle time now.
+      redis.call('XCLAIM', st[3], ARGV[4], ARGV[5], 0, st[4], 'JUSTID')
       local attempts = redis.call('HINCRBY', key, 'attempts', 1)
       if solo then redis.call('HINCRBY', key, 'solo', 1) end
       redis.call('HSET', key, 'status', 'running', 'started_ms', ARGV[1], 'worker', ARGV[2],
@@ -114,14 +116,17 @@ return out
 
 # One call per batch. KEYS[1]: webhook stream, then one job key per job.
 # ARGV: ttl_ms, channel, group, stats key prefix, webhook stream cap, publish cap (bytes of
-# output), then per job: status, n, and n field/value pairs.
+# output), fence key ('' for none), fence token, then per job: status, n, and n field/value
+# pairs.
 # Writes each final state unless one is already there, then acks and deletes the job's stream
 # entry either way (the entry's work is over). The publish carries "id\n" + the record as JSON
 # (no input) so a long-poll answers without reading it back; only the id past the cap.
-# Returns per job 1 written, 0 already final, -1 record gone.
+# With a fence (the batcher's own writes: shed, expired), nothing happens unless the lease still
+# holds the token. Returns per job 1 written, 0 already final, -1 record gone; or 'fenced'.
 FINISH = """
+if ARGV[7] ~= '' and redis.call('GET', ARGV[7]) ~= ARGV[8] then return 'fenced' end
 local out = {}
-local a = 7
+local a = 9
 for k = 2, #KEYS do
   local key = KEYS[k]
   local status, n = ARGV[a], tonumber(ARGV[a + 1])
@@ -210,18 +215,23 @@ return 0
 """
 
 # Dispatch one batch to one worker, fenced. KEYS: lease, the worker's Celery queue, then the
-# model's streams. ARGV: token, group, worker consumer, Celery message, then pairs (stream index
-# in KEYS, entry id). In one step: check the term, move the entries to the worker's consumer
-# (entries no longer pending, i.e. canceled, are left out), and push the task message onto the
-# worker's queue, so an entry is never owned by a worker that has no message for it.
-# Returns {'fenced'} | {'empty'} | {'ok', claimed id, ...} (ids as "stream index/entry id").
+# model's streams. ARGV: token, group, worker consumer, Celery message, the batcher's own
+# consumer, then pairs (stream index in KEYS, entry id). In one step: check the term, move the
+# entries the batcher holds to the worker's consumer (entries it no longer holds, i.e. canceled
+# or already handed to a worker by a dispatch whose reply was lost, are left out), and push the
+# task message onto the worker's queue, so an entry is never owned by a worker that has no
+# message for it. Returns {'fenced'} | {'empty'} | {'ok', claimed id, ...} (ids as
+# "stream index/entry id").
 DISPATCH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'fenced'} end
 local by_stream = {}
-for i = 5, #ARGV, 2 do
-  local s = tonumber(ARGV[i])
-  by_stream[s] = by_stream[s] or {}
-  table.insert(by_stream[s], ARGV[i + 1])
+for i = 6, #ARGV, 2 do
+  local s, id = tonumber(ARGV[i]), ARGV[i + 1]
+  local p = redis.call('XPENDING', KEYS[s], ARGV[2], id, id, 1)
+  if p[1] and p[1][2] == ARGV[5] then
+    by_stream[s] = by_stream[s] or {}
+    table.insert(by_stream[s], id)
+  end
 end
 local out = {'ok'}
 for s, ids in pairs(by_stream) do

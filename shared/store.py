@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from shared import keys, scripts
-from shared.errors import Conflict, NotFound, QueueFull
+from shared.errors import Conflict, Fenced, NotFound, QueueFull
 from shared.jobs import FINAL_STATUSES, Job, Priority, from_hash, new_job_id, now_ms
 from shared.muxredis import MuxRedis
 
@@ -200,15 +200,18 @@ class JobStore:
         return out
 
     async def finish(self, outcomes: Sequence[Outcome], *,
-                     report: tuple[str, Mapping[str, str]] | None = None) -> list[bool]:
+                     report: tuple[str, Mapping[str, str]] | None = None,
+                     fence: tuple[str, str] | None = None) -> list[bool]:
         """Write final states (first writer wins) and ack their stream entries, one script
         call; with `report` (a stream and its fields), XADD it in the same round trip, first.
-        Returns, per job, whether this call's state is the one that stuck."""
+        With `fence` (lease key, token), write nothing unless the lease still holds the token
+        (raises Fenced). Returns, per job, whether this call's state is the one that stuck."""
         if not outcomes:
             return []
         finished = now_ms()
         args: list[Any] = [self.result_ttl_ms, keys.FINAL_CHANNEL, keys.BATCHER_GROUP,
-                           keys.STATS_PREFIX, keys.WEBHOOKS_MAXLEN, keys.PUBLISH_RECORD_MAX_BYTES]
+                           keys.STATS_PREFIX, keys.WEBHOOKS_MAXLEN, keys.PUBLISH_RECORD_MAX_BYTES,
+                           *(fence or ("", ""))]
         for o in outcomes:
             assert o.status in FINAL_STATUSES, o.status
             fields: list[Any] = ["finished_ms", finished]
@@ -229,6 +232,8 @@ class JobStore:
                       approximate=True)
             await self._finish(keys=job_keys, args=args, client=pipe)  # queued in the pipe
             _, replies = await pipe.execute()
+        if isinstance(replies, bytes | str):
+            raise Fenced(_s(replies))
         return [int(r) == 1 for r in replies]
 
     async def dead_letter(self, model: str, job_id: str, attempts: int, reason: str) -> None:

@@ -57,7 +57,7 @@ def _settle(url: str, settings: Settings, load: SteadyLoad, what: str) -> None:
 
 
 def _run_with_fault(procs: Procs, settings: Settings, fault: Callable[[], None],
-                    what: str, url: str | None = None) -> None:
+                    what: str, url: str | None = None) -> SteadyLoad:
     url = url or procs.gateway()
     wait_until(workers_ready(settings, "synthetic", 1), 60, "a worker")
     load = _load(url)
@@ -66,6 +66,7 @@ def _run_with_fault(procs: Procs, settings: Settings, fault: Callable[[], None],
     time.sleep(3)
     load.stop()
     _settle(url, settings, load, what)
+    return load
 
 
 def test_kill_worker_mid_batch(procs: Procs, settings: Settings) -> None:
@@ -99,11 +100,17 @@ def test_redis_restart_with_aof_loses_nothing(procs: Procs, settings: Settings,
         r = httpx.post(f"{url}/v1/models/synthetic/jobs", json={"input": {"x": 1}}, timeout=10)
         assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
-        time.sleep(1)
+        # Down longer than the liveness lapse: every worker's liveness key has expired when
+        # Redis comes back, yet no worker is dead.
+        time.sleep(settings.heartbeat_lapse_s + 1)
         redis_server.start()
 
-    _run_with_fault(procs, settings, fault, "redis restart", url)
+    load = _run_with_fault(procs, settings, fault, "redis restart", url)
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    with httpx.Client(base_url=url, timeout=30) as client:
+        attempts = {client.get(f"/v1/jobs/{j}").json()["metrics"]["attempts"]
+                    for j in load.accepted}
+    assert attempts == {1}, "a job ran twice: a live worker was taken for dead"
 
 
 def test_kill_gateway_between_submit_and_answer(procs: Procs, settings: Settings) -> None:

@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from shared import keys
+from shared.redisserver import RedisServer
 from shared.settings import Settings
 from tests.conftest import MODELS, Procs, wait_until, workers_ready
 from tests.loadgen import SteadyLoad
@@ -102,6 +103,33 @@ def test_a_batch_longer_than_any_reclaim_threshold_runs_once(
     assert [j["metrics"]["attempts"] for j in done] == [1, 1]
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     assert r.hgetall(keys.stats("synthetic")) == {"succeeded": "2"}
+
+
+def test_a_redis_restart_longer_than_the_lapse_kills_no_worker(
+        procs: Procs, settings: Settings, tmp_path: Path, redis_server: RedisServer) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(MODELS.read_text().replace("batch_timeout_s = 4", "batch_timeout_s = 30"))
+    env = {"ASYNCINFER_MODELS": str(models)}
+    procs.start("batcher", "batcher", **env)
+    for index in ("1", "2"):  # a second, idle worker: where a presumed-dead batch would rerun
+        procs.start(f"worker-{index}", "workers", "--model", "synthetic", "--index", index,
+                    **env)
+    url = procs.gateway(**env)
+    wait_until(workers_ready(settings, "synthetic", 2), 60, "two workers")
+    with httpx.Client(base_url=url, timeout=60) as client:
+        job = client.post("/v1/models/synthetic/jobs",
+                          json={"input": {"x": 1, "sleep_s": 8}}).json()["id"]
+        wait_until(lambda: client.get(f"/v1/jobs/{job}").json()["status"] == "running", 10,
+                   "the job running")
+    redis_server.stop()
+    # Every liveness key has expired by the time Redis is back (it keeps their expiry).
+    time.sleep(settings.heartbeat_lapse_s + 1)
+    redis_server.start()
+    wait_until(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 30, "ready")
+    [done] = _jobs(url, [job])
+    assert done["status"] == "succeeded" and done["metrics"]["attempts"] == 1
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    assert r.hgetall(keys.stats("synthetic")) == {"succeeded": "1"}
 
 
 def test_a_paused_leader_is_fenced_no_job_runs_twice_and_none_is_lost(

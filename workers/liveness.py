@@ -19,8 +19,11 @@ from celery import Celery, bootsteps
 log = logging.getLogger(__name__)
 
 
-def install(app: Celery, beat: Callable[[], None], interval_s: float) -> None:
-    """Run `beat()` when the consumer starts and every `interval_s` on its event loop."""
+def install(app: Celery, beat: Callable[[], None], interval_s: float,
+            stopped: Callable[[], None]) -> None:
+    """Run `beat()` when the consumer starts and every `interval_s` on its event loop;
+    `stopped()` when the consumer stops (a lost broker connection restarts it: the worker then
+    beats from elsewhere until the consumer is back, so a Redis restart is no death)."""
 
     class Liveness(bootsteps.StartStopStep):  # type: ignore[misc]
         """Celery consumer bootstep: the beat as a timer of the consumer's loop."""
@@ -38,6 +41,7 @@ def install(app: Celery, beat: Callable[[], None], interval_s: float) -> None:
             if self.tref is not None:
                 self.tref.cancel()
                 self.tref = None
+            stopped()
 
         shutdown = stop
 

@@ -47,7 +47,7 @@ from shared.store import JobStore
 from workers import context, liveness
 from workers.loop import LoopThread
 from workers.refresh import HeldEntries
-from workers.runtime import BatchRequest, ModelRuntime
+from workers.runtime import BatchRequest, BatchTimeout, ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class Worker:
         self.worker_id = f"{spec.name}-{index}@{socket.gethostname()}.{secrets.token_hex(3)}"
         self.lanes = spec.options.predict_concurrency
         self.loop = LoopThread()
+        self._side_beat: concurrent.futures.Future[Any] | None = None
         self.redis = connect(settings)
         self.store = JobStore(self.redis, result_ttl_s=settings.result_ttl_s,
                               job_ttl_s=settings.job_ttl_s, max_attempts=settings.max_attempts)
@@ -107,8 +108,8 @@ class Worker:
                                     compute_thread_init=lambda: pin_thread(self.cores))
         self.app = make_celery(settings)
         self.app.task(name=BATCH_TASK)(self._task)
-        liveness.install(self.app, self._beat, settings.heartbeat_interval_s)
-        self._side_beat: concurrent.futures.Future[Any] | None = None
+        liveness.install(self.app, self._beat, settings.heartbeat_interval_s,
+                         self._beat_aside)
 
     @property
     def queue(self) -> str:
@@ -174,7 +175,9 @@ class Worker:
             # postprocess and the wait for a lane behind another batch's predict.
             report = await asyncio.wait_for(self.runtime.run_batch(req), limit_s * 3)
         except BaseException as exc:
-            if isinstance(exc, TimeoutError | asyncio.CancelledError) or self.runtime.stuck:
+            # A timeout was reported to the batcher as one: always exit after it, even if the
+            # stuck thread came back meanwhile, so its jobs return through this death.
+            if isinstance(exc, TimeoutError | asyncio.CancelledError | BatchTimeout):
                 await self._give_up(req, limit_s)
             raise
         return {"batch": req.batch_id, "ok": report.ok, "failed": report.failed}
@@ -194,7 +197,7 @@ class Worker:
     def run(self) -> None:
         """Load, then serve until a warm shutdown (SIGTERM: stop taking batches, finish, exit)."""
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
-        self._side_beat = self.loop.spawn(self._beat_forever())
+        self._beat_aside()
         try:
             self.runtime.load()
             _set_torch_threads(self.threads)
@@ -225,10 +228,14 @@ class Worker:
             log.error("batches still running at exit worker=%s batches=%d", self.worker_id,
                       len(self.held))
 
-    def _on_shutdown(self, **_: Any) -> None:
-        self.heartbeat.hb.state = "draining"
+    def _beat_aside(self) -> None:
+        """Beat from the I/O loop while Celery's consumer does not run."""
         if self._side_beat is None:
             self._side_beat = self.loop.spawn(self._beat_forever())
+
+    def _on_shutdown(self, **_: Any) -> None:
+        self.heartbeat.hb.state = "draining"
+        self._beat_aside()
         log.info("worker draining worker=%s busy=%d", self.worker_id, len(self.held))
 
 

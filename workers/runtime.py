@@ -33,6 +33,7 @@ STUCK_GRACE_S = 2.0
 # The final write is retried this long through a Redis outage before the batch is given up (its
 # entries, no longer refreshed, then go back to the batcher).
 FINISH_RETRY_S = 30.0
+REPORT_ATTEMPTS = 5  # a lane report is retried over about 1.5 s
 
 Outcome_ = Literal["ok", "error", "timeout"]
 T = TypeVar("T")
@@ -264,14 +265,22 @@ class ModelRuntime:
         task.add_done_callback(self._reports.discard)
 
     async def _send_report(self, report: BatchReport) -> None:
-        try:
-            await self.store.redis.xadd(
-                keys.completions(self.spec.name),
-                self.report_fields(report),  # type: ignore[arg-type]
-                maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
-        except (RedisError, OSError) as exc:
-            # The batcher then learns the lane is free from the worker's heartbeat.
-            log.warning("lane report failed batch=%s error=%s", report.batch_id, exc)
+        fields = self.report_fields(report)
+        backoff_s = 0.05
+        for attempt in range(REPORT_ATTEMPTS):
+            try:
+                await self.store.redis.xadd(keys.completions(self.spec.name),
+                                            fields,  # type: ignore[arg-type]
+                                            maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
+                return
+            except (RedisError, OSError) as exc:
+                if attempt == REPORT_ATTEMPTS - 1:
+                    # The batcher then learns the lane is free from the worker's heartbeats,
+                    # which stop listing the batch.
+                    log.warning("lane report failed batch=%s error=%s", report.batch_id, exc)
+                    return
+                await asyncio.sleep(backoff_s)
+                backoff_s *= 2
 
     async def finish(self, outcomes: list[Outcome],
                      report: dict[str, str] | None = None) -> None:

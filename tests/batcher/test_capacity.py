@@ -67,7 +67,7 @@ def test_starting_and_draining_workers_take_no_batch_but_keep_theirs() -> None:
 def test_a_vanished_worker_is_gone_with_its_batches() -> None:
     cap = _cap(w1=1, w2=1)
     cap.dispatched("w1", "b1", 0.0, predict_s=1.0)
-    gone = cap.sync([WorkerInfo("w2", 1, True)], 0.5)
+    gone = cap.sync([WorkerInfo("w2", 1, True)], 0.5).gone
     assert list(gone) == ["w1"] and [o.batch_id for o in gone["w1"]] == ["b1"]
     assert cap.holder("b1") is None and cap.lanes == 1
 
@@ -78,3 +78,47 @@ def test_a_new_leader_counts_the_batches_a_worker_says_it_holds() -> None:
     assert cap.free_lanes(100.0) == 0  # busy until reported, however long
     cap.reported("w1", "old-1")
     assert cap.free_lanes(100.0) == 1
+
+
+def test_right_after_a_redis_restart_nobody_is_declared_gone() -> None:
+    cap = _cap(w1=1)
+    cap.dispatched("w1", "b1", 0.0, predict_s=1.0)
+    assert cap.sync([], 0.5, keep_missing=True).gone == {}
+    assert cap.holder("b1") == "w1"
+
+
+def test_a_batch_its_heartbeats_stop_listing_is_over_even_if_its_report_was_lost() -> None:
+    cap = Capacity(0.003)
+    cap.sync([WorkerInfo("w1", 1, True, beat=1)], 0.0)
+    cap.dispatched("w1", "b1", 0.0, predict_s=0.01)
+    cap.sync([WorkerInfo("w1", 1, True, batches=("b1",), beat=2)], 0.5)
+    for beat in (3, 4):
+        assert cap.sync([WorkerInfo("w1", 1, True, beat=beat)], 1.0).lost == []
+    assert cap.sync([WorkerInfo("w1", 1, True, beat=4)], 1.5).lost == []  # not a new beat
+    lost = cap.sync([WorkerInfo("w1", 1, True, beat=5)], 2.0).lost
+    assert [(w, o.batch_id) for w, o in lost] == [("w1", "b1")]
+    assert cap.free_lanes(2.0) == 1
+
+
+def test_a_worker_running_suspects_gets_nothing_else_until_they_report() -> None:
+    cap = _cap(w1=2, w2=1)
+    worker = cap.pick(0.0, alone=True)
+    assert worker is not None
+    cap.dispatched(worker, "s1", 0.0, predict_s=0.01)
+    cap.isolate(worker, "s1")
+    assert cap.free_lanes(5.0) == (1 if worker == "w1" else 2)
+    assert cap.pick(5.0) != worker
+    cap.reported(worker, "s1")
+    assert cap.free_lanes(5.0) == 3
+
+
+def test_suspects_go_only_to_a_worker_holding_nothing() -> None:
+    cap = _cap(w1=1)
+    cap.dispatched("w1", "b1", 0.0, predict_s=0.01)
+    assert cap.pick(1.0) == "w1" and cap.pick(1.0, alone=True) is None
+
+
+def test_a_batch_sent_to_a_worker_that_just_died_is_ignored() -> None:
+    cap = _cap(w1=1)
+    cap.dispatched("nobody", "b1", 0.0, predict_s=0.01)
+    assert cap.holder("b1") is None

@@ -11,12 +11,13 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from batcher.dispatch import Dispatcher
-from batcher.lease import Fenced, Lease
+from batcher.lease import Lease
 from batcher.streams import Entry, ModelStreams
 from shared import keys
 from shared.celeryapp import BATCH_TASK, make_celery
+from shared.errors import Fenced
 from shared.settings import Settings
-from shared.store import JobStore, NewJob
+from shared.store import JobStore, NewJob, Outcome
 from workers.refresh import HeldEntries
 
 MODEL = "m"
@@ -84,6 +85,15 @@ async def test_dispatch_moves_the_entries_and_pushes_the_task_in_one_step(
                                                                                        "w1")
 
 
+async def test_a_dispatch_whose_reply_was_lost_is_not_repeated_to_another_worker(
+        redis: aioredis.Redis, celery: Celery) -> None:
+    _, _, dispatcher, entries = await _setup(redis, celery, 2)
+    await dispatcher.send("w1", "b1", entries)  # ran; say its reply never came back
+    assert await dispatcher.send("w2", "b2", entries) == set()  # nothing stolen from w1
+    assert await redis.llen(keys.worker_queue(MODEL, "w2")) == 0
+    assert await _owners(redis) == {"b-one": 0, "w:w1": 2}
+
+
 async def test_a_batcher_whose_term_ended_cannot_dispatch_or_take_over(
         redis: aioredis.Redis, celery: Celery) -> None:
     _, _, dispatcher, entries = await _setup(redis, celery, 2)
@@ -144,8 +154,24 @@ async def test_start_refuses_jobs_whose_entries_the_worker_no_longer_owns(
         redis: aioredis.Redis, celery: Celery) -> None:
     _, _, dispatcher, entries = await _setup(redis, celery, 2)
     await dispatcher.send("w1", "b1", entries)
-    await dispatcher.send("w2", "b2", entries[1:])  # moved on: w1 must not run it
+    # Taken back (w1 was presumed dead) and sent on: w1 must not run it.
+    await redis.xclaim(entries[1].stream, keys.BATCHER_GROUP, "b-one", 0,
+                       [entries[1].entry_id], justid=True)
+    assert await dispatcher.send("w2", "b2", entries[1:]) == {entries[1].key}
     store = JobStore(redis, result_ttl_s=60, job_ttl_s=60)
     started = await store.start([e.job_id for e in entries], "w1", "cpu:0",
                                 consumer=keys.worker_consumer("w1"))
     assert [s.verdict for s in started] == ["run", "moved"]
+
+
+async def test_a_fenced_batcher_cannot_finish_jobs(redis: aioredis.Redis, celery: Celery) -> None:
+    lease, _, _, entries = await _setup(redis, celery, 1)
+    store = JobStore(redis, result_ttl_s=60, job_ttl_s=60)
+    token = lease.token
+    assert token is not None
+    await redis.delete(keys.lease(MODEL))
+    assert await Lease(redis, MODEL, "b-two", ttl_s=5).acquire()
+    expired = Outcome(entries[0].job_id, "expired", error={"type": "expired", "message": "x"})
+    with pytest.raises(Fenced):
+        await store.finish([expired], fence=(keys.lease(MODEL), token))
+    assert await redis.hget(keys.job(entries[0].job_id), "status") == "queued"

@@ -1,10 +1,13 @@
-"""Running statistics the batcher publishes in its state (and the gateway turns into metrics)."""
+"""What the batcher publishes about one model: its running statistics and the state snapshot
+(`keys.batcher_state`) that `GET /v1/models/{model}` shows and the gateway turns into metrics."""
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
+
+from batcher.policy import PolicySnapshot
 
 QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -70,3 +73,17 @@ class BatcherStats:
             "worker_deaths": self.deaths, "requeued": self.requeued,
             "suspect_batches": self.suspects_run,
         }
+
+
+def published_state(*, snap: PolicySnapshot, stats: BatcherStats, now: float, batcher: str,
+                    in_flight: int, held: int, suspects: int, lanes: int, free_lanes: int,
+                    workers: int, lead_s: float) -> dict[str, object]:
+    """The JSON snapshot of a model's batcher."""
+    return {
+        "a_s": snap.a_s, "b_s": snap.b_s, "overhead_s": snap.extra.get("overhead_s"),
+        "avg_wait_ms": snap.avg_wait_ms, "in_flight": in_flight,
+        "queue_rows": snap.queue_rows, "held": held, "suspects": suspects, "lanes": lanes,
+        "slots": lanes, "free_lanes": free_lanes, "lead_ms": 1000 * lead_s,
+        "workers": workers, "warning": snap.warning, "batcher": batcher,
+        "policy": snap.extra, **stats.as_dict(now),
+    }
