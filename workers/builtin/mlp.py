@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shared.model import InferenceModel, ServingOptions
+from asyncinfer import InferenceModel, ServingOptions
 
 IN_FEATURES = 256
 HIDDEN = 2048

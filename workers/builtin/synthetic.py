@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.model import FAULT_HOOK, InferenceModel, ServingOptions
+from asyncinfer import FAULT_HOOK, InferenceModel, ServingOptions
 
 
 class SyntheticInput(BaseModel):
