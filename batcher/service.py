@@ -495,7 +495,7 @@ class ModelBatcher:
         await self.store.finish([Outcome(e.job_id, status, error=err) for e in entries],
                                 fence=self._fence())
         await self.streams.drop(entries)
-        self.stats.reasons[decision.reason] += len(entries)
+        self.stats.shed_jobs(decision.reason, len(entries))
 
     # -- published state ----------------------------------------------------------------------
 

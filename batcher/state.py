@@ -36,6 +36,7 @@ class BatcherStats:
     """Counters of one model's batcher, published in its state every refresh."""
 
     reasons: Counter[str] = field(default_factory=Counter)
+    shed: Counter[str] = field(default_factory=Counter)  # jobs the policy ended, by reason
     batch_rows: Counter[int] = field(default_factory=Counter)
     handoffs_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     queue_wait: WaitHistogram = field(default_factory=WaitHistogram)
@@ -49,6 +50,9 @@ class BatcherStats:
         self.batch_rows[rows] += 1
         for w in waits_s:
             self.queue_wait.observe(w)
+
+    def shed_jobs(self, reason: str, jobs: int) -> None:
+        self.shed[reason] += jobs
 
     def done(self, now: float, rows: int, handoff_ms: float | None) -> None:
         self.completed.append((now, rows))
@@ -65,7 +69,8 @@ class BatcherStats:
 
     def as_dict(self, now: float) -> dict[str, object]:
         return {
-            "dispatch_reasons": dict(self.reasons), "batch_rows": dict(self.batch_rows),
+            "dispatch_reasons": dict(self.reasons), "shed_jobs": dict(self.shed),
+            "batch_rows": dict(self.batch_rows),
             "queue_wait": self.queue_wait.as_dict(),
             "drain_rows_per_s": self.drain_rows_per_s(now),
             # Median over the last batches of the hand-off (dispatch to the task's start).

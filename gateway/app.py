@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -66,8 +67,8 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
         webhooks.start()
         waiters = CompletionWaiters(connect(settings, block_s=3600))
         waiters.start()
-        app.state.deps = Deps(settings, specs, store, waiters, keys, GatewayMetrics(redis, specs),
-                              targets)
+        metrics = GatewayMetrics(redis, specs)
+        app.state.deps = Deps(settings, specs, store, waiters, keys, metrics, targets)
         log.info("gateway started models=%s auth=%s webhooks=%s fault_injection=%s",
                  ",".join(specs), keys.enabled, bool(settings.webhook_secret.strip()),
                  settings.fault_injection)
@@ -76,6 +77,8 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
                         "the jobs they name (result_ttl_s)", store.idempotency_ttl_ms // 1000,
                         settings.idempotency_ttl_s)
         yield
+        with contextlib.suppress(RedisError, OSError):
+            await metrics.release()
         await waiters.stop()
         await webhooks.stop()
         await mux.aclose()

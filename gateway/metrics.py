@@ -1,107 +1,82 @@
-"""Prometheus metrics at the gateway: its own request figures, plus the system view (queue depth,
-workers, batcher fit, jobs by final status) read from Redis at scrape time."""
+"""Prometheus metrics at the gateway: this replica's own request figures, and the system-wide
+series (`gateway.system_metrics`) from the one replica that holds the exporter lease.
+
+Every replica answers /metrics; only the exporter (`keys.metrics_exporter`, taken and renewed at
+its scrapes) adds the system-wide series, and `asyncinfer_gateway_system_exporter` says which
+one does. So a query summing over replicas counts each queue once; when the exporter goes away
+another replica takes over within `keys.METRICS_EXPORTER_TTL_S`.
+"""
 
 from __future__ import annotations
 
-import itertools
-import json
-from collections.abc import Iterator
-from typing import Any
+import os
+import secrets
+import socket
 
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
+from gateway.system_metrics import SystemCollector, read_snapshots
 from shared import keys
-from shared.heartbeats import live_workers
 from shared.modelspec import ModelSpec
 
 SUBMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
-
-class _Histograms:
-    """Batch size and queue wait histograms, rebuilt from each batcher's published state."""
-
-    def __init__(self, states: dict[str, dict[str, Any]]) -> None:
-        self.states = states
-
-    def collect(self) -> Iterator[HistogramMetricFamily]:
-        sizes = HistogramMetricFamily("asyncinfer_batch_rows", "Rows per dispatched batch",
-                                      labels=["model"])
-        waits = HistogramMetricFamily("asyncinfer_queue_wait_seconds",
-                                      "Submit to dispatch wait", labels=["model"])
-        for model, state in self.states.items():
-            rows = {int(k): int(v) for k, v in (state.get("batch_rows") or {}).items()}
-            if rows:
-                bounds = sorted(rows)
-                cum = list(itertools.accumulate(rows[b] for b in bounds))
-                sizes.add_metric([model], [(str(float(b)), c) for b, c in zip(bounds, cum,
-                                                                               strict=True)]
-                                 + [("+Inf", cum[-1])], sum(b * n for b, n in rows.items()))
-            wait = state.get("queue_wait")
-            if wait:
-                cum = list(itertools.accumulate(wait["counts"]))
-                buckets = [(str(b), c) for b, c in zip(wait["buckets_s"], cum, strict=False)]
-                waits.add_metric([model], [*buckets, ("+Inf", cum[-1])], wait["sum_s"])
-        yield sizes
-        yield waits
+# The `_created` series prometheus_client adds by default double every counter and histogram
+# for a timestamp nobody graphs.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class GatewayMetrics:
     def __init__(self, redis: aioredis.Redis, specs: dict[str, ModelSpec]) -> None:
         self.redis = redis
         self.specs = specs
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.registry = CollectorRegistry()
         r = self.registry
-        self.jobs_submitted = Counter("asyncinfer_jobs_submitted", "Jobs accepted", ["model"],
-                                      registry=r)
-        self.submit_seconds = Histogram("asyncinfer_submit_seconds", "Submit handling time",
-                                        ["model"], buckets=SUBMIT_BUCKETS_S, registry=r)
-        self.jobs_final = Gauge("asyncinfer_jobs_final", "Jobs that reached a final status",
-                                ["model", "status"], registry=r)
-        self.queue_depth = Gauge("asyncinfer_queue_depth", "Jobs queued or running", ["model"],
-                                 registry=r)
-        self.workers = Gauge("asyncinfer_workers", "Live workers by state", ["model", "state"],
-                             registry=r)
-        self.batcher = Gauge("asyncinfer_batcher", "Batcher live values", ["model", "value"],
-                             registry=r)
-        self.autoscaler = Gauge("asyncinfer_autoscaler", "Inputs and output of the last scaling "
-                                "decision", ["model", "value"], registry=r)
-        self.dispatches = Gauge("asyncinfer_batcher_dispatches", "Batches released by reason",
-                                ["model", "reason"], registry=r)
+        self.jobs_submitted = Counter("asyncinfer_jobs_submitted", "Jobs accepted by this "
+                                      "gateway", ["model"], registry=r)
+        self.submit_seconds = Histogram("asyncinfer_submit_duration_seconds", "Submit handling "
+                                        "time at this gateway (validation and one Redis round "
+                                        "trip)", ["model"], buckets=SUBMIT_BUCKETS_S, registry=r)
+        self.exporter = Gauge("asyncinfer_gateway_system_exporter", "1 on the one gateway "
+                              "replica that exports the system-wide series, else 0", registry=r)
 
     def submitted(self, model: str, n: int, seconds: float) -> None:
         self.jobs_submitted.labels(model).inc(n)
         self.submit_seconds.labels(model).observe(seconds)
 
+    async def exports_system(self) -> bool:
+        """Take or renew the exporter lease; whether this replica holds it."""
+        key = keys.metrics_exporter()
+        ttl = keys.METRICS_EXPORTER_TTL_S
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, self.replica, nx=True, ex=ttl)
+        pipe.get(key)
+        _, holder = await pipe.execute()
+        if holder != self.replica:
+            return False
+        await self.redis.expire(key, ttl)
+        return True
+
     async def render(self) -> bytes:
-        states: dict[str, dict[str, Any]] = {}
-        for model in self.specs:
-            pipe = self.redis.pipeline(transaction=False)
-            for stream in keys.streams(model):
-                pipe.xlen(stream)
-            pipe.hgetall(keys.stats(model))
-            pipe.get(keys.batcher_state(model))
-            pipe.lindex(keys.scale_history(model), 0)
-            *lens, stats, state_raw, decision_raw = await pipe.execute()
-            if decision_raw:
-                decision = json.loads(decision_raw)
-                for name in ("desired", "live", "starting", "queued", "in_flight"):
-                    self.autoscaler.labels(model, name).set(decision[name])
-            self.queue_depth.labels(model).set(sum(lens))
-            for status, count in stats.items():
-                self.jobs_final.labels(model, status).set(int(count))
-            by_state = {"starting": 0, "ready": 0, "busy": 0, "draining": 0}
-            for w in await live_workers(self.redis, model):
-                by_state[w["state"]] = by_state.get(w["state"], 0) + 1
-            for worker_state, n in by_state.items():
-                self.workers.labels(model, worker_state).set(n)
-            state = json.loads(state_raw) if state_raw else {}
-            states[model] = state
-            for name in ("a_s", "b_s", "avg_wait_ms", "in_flight", "queue_rows", "slots",
-                         "drain_rows_per_s", "handoff_ms_p50"):
-                if isinstance(state.get(name), int | float):
-                    self.batcher.labels(model, name).set(state[name])
-            for reason, n in (state.get("dispatch_reasons") or {}).items():
-                self.dispatches.labels(model, reason).set(n)
-        return generate_latest(self.registry) + generate_latest(_Histograms(states))
+        system = await self.exports_system()
+        self.exporter.set(1 if system else 0)
+        text = generate_latest(self.registry)
+        if system:
+            snapshots = await read_snapshots(self.redis, list(self.specs))
+            text += generate_latest(SystemCollector(snapshots))
+        return text
+
+    async def release(self) -> None:
+        """Give the exporter lease up at shutdown, so another replica exports at once."""
+        key = keys.metrics_exporter()
+        if await self.redis.get(key) == self.replica:
+            await self.redis.delete(key)

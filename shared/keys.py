@@ -140,6 +140,23 @@ def stats(model: str) -> str:
 STATS_PREFIX = f"{PREFIX}:stats:"
 
 
+def job_latencies(model: str) -> str:
+    """Hash of the model's job latency histograms (run, end to end), summed over all workers:
+    field `NAME:INDEX` counts one bucket, `NAME:sum` the seconds (see shared.histograms)."""
+    return f"{PREFIX}:latency:{model}"
+
+
+def metrics_exporter() -> str:
+    """Which gateway replica exports the system-wide series on /metrics (its process id),
+    renewed at each of its scrapes: one exporter, so summing over replicas never counts twice."""
+    return f"{PREFIX}:metrics-exporter"
+
+
+# Longer than any sane scrape interval (Prometheus' default is 1 min): the exporter keeps it by
+# being scraped; another replica takes over this long after it stopped.
+METRICS_EXPORTER_TTL_S = 150
+
+
 def webhooks() -> str:
     """Stream of jobs whose final state must be POSTed to their webhook URL."""
     return f"{PREFIX}:webhooks"

@@ -12,6 +12,7 @@ from shared import keys
 from shared.procs import free_port, wait_port
 from shared.settings import Settings
 from tests.conftest import Procs, wait_until, workers_ready
+from tests.gateway.test_metrics import PROMTOOL, promtool_problems
 
 AUTH = ("u", "p")
 TASK = "asyncinfer.run_batch"
@@ -70,4 +71,7 @@ async def test_flower_lists_the_worker_online_and_the_batch_task_succeeded(
     assert httpx.get(f"{base}/api/workers", timeout=10).status_code == 401  # auth is on
     # By Flower's design these two stay open even with basic auth (docs/operations.md).
     assert httpx.get(f"{base}/healthcheck", timeout=10).text == "OK"
-    assert "flower_events_total" in httpx.get(f"{base}/metrics", timeout=10).text
+    flower_metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    assert "flower_events_total" in flower_metrics
+    if PROMTOOL:  # Flower is the other process serving /metrics (the gateway's: test_metrics)
+        assert promtool_problems(flower_metrics) == ""

@@ -14,6 +14,7 @@ import redis
 from shared import keys
 from shared.settings import Settings
 from tests.conftest import Procs, wait_until, workers_ready
+from tests.gateway.test_metrics import PROMTOOL, promtool_problems
 
 pytestmark = pytest.mark.slow
 
@@ -145,14 +146,21 @@ async def test_batches_grow_with_load(procs: Procs, settings: Settings) -> None:
                                   json={"inputs": [{"x": i} for i in range(400)]})).json()
         await asyncio.gather(*(_final(client, j["id"]) for j in jobs["jobs"]))
         heavy = rows_since(mark)
-        metrics = (await client.get("/metrics")).text
+        for _ in range(100):  # the workers add their latencies with their next heartbeat
+            metrics = (await client.get("/metrics")).text
+            if 'asyncinfer_job_end_to_end_seconds_count{model="synthetic"} 420.0' in metrics:
+                break
+            await asyncio.sleep(0.1)
     light_mean, heavy_mean = sum(light) / len(light), sum(heavy) / len(heavy)
     print(f"mean batch size: light={light_mean:.2f} saturating={heavy_mean:.2f} "
           f"ratio={heavy_mean / light_mean:.1f}")
     assert heavy_mean >= 4 * light_mean
     assert max(heavy) <= 16  # max_batch_size of the test model
-    assert 'asyncinfer_batch_rows_bucket{le="16.0",model="synthetic"}' in metrics
-    assert "asyncinfer_queue_wait_seconds_count" in metrics
+    assert 'asyncinfer_batch_size_rows_bucket{le="16.0",model="synthetic"}' in metrics
+    assert "asyncinfer_job_queue_wait_seconds_count" in metrics
+    assert 'asyncinfer_job_run_seconds_count{model="synthetic"} 420.0' in metrics
+    if PROMTOOL:  # the real processes' figures, by Prometheus' own linter
+        assert promtool_problems(metrics) == ""
 
 
 async def test_cancel_drops_the_entry_from_the_batchers_read_ahead(procs: Procs,

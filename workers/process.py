@@ -157,6 +157,7 @@ class Worker:
     async def _beat_async(self) -> None:
         await self.heartbeat.publish()
         await self.held.refresh()
+        await self.runtime.latencies.flush(self.redis)
 
     async def _beat_forever(self) -> None:
         """Beats while Celery's consumer does not run: loading the model, and draining (its

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.histograms import END_TO_END, RUN, LatencyRecorder
 from shared.model import InferenceModel, ModelContext
 from shared.modelspec import ModelSpec
 from shared.store import JobStore, Outcome, Started
@@ -106,6 +107,7 @@ class ModelRuntime:
         self._reports: set[asyncio.Task[None]] = set()
         self.attempt_cap = attempt_cap
         self.tail_ms = 0.0  # postprocess + final write, smoothed: reported with the next batch
+        self.latencies = LatencyRecorder(spec.name)  # flushed by the worker's heartbeat
         self.model: InferenceModel = spec.cls(**spec.params)
         concurrency = spec.options.predict_concurrency
         self._predict_slots = asyncio.Semaphore(concurrency)
@@ -191,6 +193,10 @@ class ModelRuntime:
             await self.finish(outcomes, report=self.report_fields(report))
         elif outcomes:
             await self.finish(outcomes)
+        done_ms = time.time() * 1000
+        for it in items:
+            self.latencies.observe(RUN, run_ms / 1000)
+            self.latencies.observe(END_TO_END, max(0.0, done_ms - it.created_ms) / 1000)
         tail_ms = (time.monotonic() - q0) * 1000
         self.tail_ms = tail_ms if not self.tail_ms else self.tail_ms + (tail_ms - self.tail_ms) / 8
         return report

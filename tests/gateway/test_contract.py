@@ -131,7 +131,7 @@ async def test_health_ready_and_metrics(client: httpx.AsyncClient) -> None:
     await client.post("/v1/models/synthetic/jobs", json={"input": {"x": 1}})
     text = (await client.get("/metrics")).text
     assert await counted() == before + 1
-    assert 'asyncinfer_queue_depth{model="synthetic"} 1.0' in text
+    assert 'asyncinfer_queue_jobs{model="synthetic"} 1.0' in text
 
 
 async def test_queued_job_past_its_ttl_reads_expired(client: httpx.AsyncClient) -> None:
