@@ -16,6 +16,7 @@ from batcher.cork import CorkPolicy
 from batcher.lease import Lease, serve_while_leader
 from batcher.policy import BatchingPolicy, PolicyConfig
 from batcher.service import ModelBatcher
+from shared import tracing
 from shared.celeryapp import make_celery
 from shared.logs import configure_logging
 from shared.modelspec import load_specs
@@ -85,6 +86,7 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level)
+    tracing.setup("batcher")  # only if OTEL_* variables ask for traces
     asyncio.run(serve(settings))
 
 

@@ -22,7 +22,7 @@ from celery import Celery
 
 from batcher.lease import Lease
 from batcher.streams import Entry, ModelStreams, entry_key, make_entry
-from shared import keys, scripts
+from shared import keys, scripts, tracing
 from shared.celeryapp import BATCH_TASK
 from shared.celerywire import task_message
 from shared.errors import Fenced
@@ -72,12 +72,22 @@ class Dispatcher:
                      round(time.time() * 1000, 3)]
         refs = [f"{e.priority}/{e.entry_id}" for e in entries]
         queue = keys.worker_queue(self.model, worker_id)
+        trace = tracing.dispatch(self.model, batch_id, worker_id, [
+            (e.job_id, e.trace, e.submitted_ms) for e in entries]) if tracing.ON else None
         _, message = task_message(self.celery, BATCH_TASK, queue, task_args,
-                                  {"solo": solo, "entries": refs})
+                                  {"solo": solo, "entries": refs},
+                                  headers=trace.headers if trace else None)
         args += [message, self.streams.consumer]
         for e in entries:
             args += [names.index(e.stream) + 3, e.entry_id]  # its place in KEYS
-        reply = await self._dispatch(keys=[self.lease.key, queue, *names], args=args)
+        try:
+            reply = await self._dispatch(keys=[self.lease.key, queue, *names], args=args)
+        except BaseException as exc:
+            if trace:
+                trace.end(None, exc)
+            raise
+        if trace:
+            trace.end(len(reply) - 1)
         kind = str(reply[0])
         if kind == "fenced":
             raise Fenced(self.model)

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from batcher.policy import Priority
-from shared import keys
+from shared import keys, tracing
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Entry:
     rows: int
     submitted_ms: int
     expires_ms: int | None
+    trace: str = ""  # the submit's traceparent when the job is traced (shared.tracing)
 
     @property
     def key(self) -> str:
@@ -55,7 +56,8 @@ def make_entry(stream: str, priority: Priority, entry_id: str,
         return None
     exp = fields.get("exp")
     return Entry(entry_id, stream, priority, fields["job"], int(fields.get("rows", 1)),
-                 int(entry_id.split("-", 1)[0]), int(exp) if exp else None)
+                 int(entry_id.split("-", 1)[0]), int(exp) if exp else None,
+                 fields.get(tracing.ENTRY_FIELD, ""))
 
 
 class ModelStreams:

@@ -27,6 +27,7 @@ from gateway.views import model_info
 from gateway.waiters import CompletionWaiters
 from gateway.webhook_targets import TargetPolicy
 from gateway.webhooks import READ_BLOCK_S, WebhookDeliverer
+from shared import tracing
 from shared.errors import AsyncInferError, InvalidInput, NotFound, QueueFull, Unavailable
 from shared.jobs import FINAL_STATUSES, Job, JobMetrics, iso, new_job_id
 from shared.modelspec import ModelSpec, load_specs
@@ -138,6 +139,15 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
     async def submit(request: Request, model: str,
                      batch: bool) -> tuple[Deps, list[Job], str]:
         """Validate and enqueue; returns the deps, the jobs and the caller's owner id."""
+        if not tracing.ON:
+            return await _submit(request, model, batch)
+        with tracing.submit(request.headers, model) as span:
+            out = await _submit(request, model, batch, span.traceparent)
+            span.jobs([j.id for j in out[1]])
+            return out
+
+    async def _submit(request: Request, model: str, batch: bool,
+                      traceparent: str = "") -> tuple[Deps, list[Job], str]:
         d = deps(request)
         owner = owner_of(request)
         spec = spec_of(d, model)
@@ -166,7 +176,8 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
                 model, jobs, owner=owner, ids=ids, max_queue=o.max_queue,
                 max_queue_per_key=(o.max_queue_per_key or max(1, o.max_queue // 2))
                 if owner else 0,
-                idempotency_key=idem, request_hash=body_hash(raw) if idem else "")
+                idempotency_key=idem, request_hash=body_hash(raw) if idem else "",
+                traceparent=traceparent)
         except QueueFull as exc:
             raise await _queue_full(d, model, exc) from None
         d.metrics.submitted(model, len(jobs), time.monotonic() - started)

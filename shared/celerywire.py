@@ -20,10 +20,14 @@ from kombu.serialization import dumps
 
 
 def task_message(app: Celery, task: str, queue: str, args: Sequence[Any],
-                 kwargs: Mapping[str, Any] | None = None) -> tuple[str, str]:
-    """(task id, the JSON string to LPUSH onto `queue`) for one call of `task`."""
+                 kwargs: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(task id, the JSON string to LPUSH onto `queue`) for one call of `task`; `headers` are
+    added to Celery's (the worker reads them on `task.request`, e.g. a trace context)."""
     task_id = str(uuid.uuid4())
     msg = app.amqp.as_task_v2(task_id, task, args=list(args), kwargs=dict(kwargs or {}))
+    if headers:
+        msg.headers.update(headers)
     content_type, encoding, body = dumps(msg.body, serializer="json")  # type: ignore[no-untyped-call]
     raw = body.encode(encoding) if isinstance(body, str) else body
     envelope = {

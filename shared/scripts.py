@@ -11,7 +11,8 @@ from __future__ import annotations
 # queue or "" (no per-key limit), then one job key per job.
 # ARGV: max_queue, result_ttl_ms, idem_ttl_ms, body_hash, model, created_ms, n, per-key limit,
 #       job key prefix, prune minimum, then per job 8 values: id, stream index (1..3),
-#       expires_ms, rows, priority, input, owner, webhook
+#       expires_ms, rows, priority, input, owner, webhook; last, the submit's W3C traceparent
+#       ('' when not traced), copied into each stream entry as field `tp` (see shared.tracing)
 # The owner queue counts the caller's queued jobs: members past their queue deadline go first;
 # when the count says the limit is reached, the oldest members (at least the prune minimum) are
 # checked against their records and those no longer queued dropped, so the count is exact
@@ -42,11 +43,17 @@ if okey ~= '' then
 end
 local ids = {}
 local last = 0
+local tp = ARGV[#ARGV]
 for i = 0, n - 1 do
   local base = 11 + i * 8
   local id, sidx, expires, rows = ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3]
   local skey = KEYS[sidx]
-  local entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires)
+  local entry
+  if tp ~= '' then
+    entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires, 'tp', tp)
+  else
+    entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires)
+  end
   local jkey = KEYS[6 + i]
   redis.call('HSET', jkey, 'id', id, 'model', ARGV[5], 'status', 'queued', 'created_ms', ARGV[6],
     'expires_ms', expires, 'rows', rows, 'priority', ARGV[base + 4], 'input', ARGV[base + 5],

@@ -87,14 +87,15 @@ class JobStore:
     async def submit(self, model: str, jobs: Sequence[NewJob], *, owner: str = "",
                      max_queue: int, max_queue_per_key: int = 0,
                      idempotency_key: str | None = None, request_hash: str = "",
-                     ids: Sequence[str] | None = None) -> Submitted:
+                     ids: Sequence[str] | None = None, traceparent: str = "") -> Submitted:
         """Write the records and append the stream entries atomically; returns the job ids.
 
         Raises QueueFull when the backlog would pass `max_queue`, or the owner's queued jobs of
         this model `max_queue_per_key` (0: no per-key limit); Conflict when the idempotency key
         was used with another body. The key is scoped to (owner, model) and stored as its
         digest; a replay of the same key and body returns the first ids. `ids`, when given, are
-        the new jobs' ids (a caller that watches for them beforehand).
+        the new jobs' ids (a caller that watches for them beforehand). `traceparent` (W3C),
+        when given, goes into each stream entry for the batcher's and workers' spans.
         """
         created = now_ms()
         streams = keys.streams(model)
@@ -110,6 +111,7 @@ class JobStore:
             argv += [job_id, PRIORITY_INDEX[job.priority], created + ttl_ms, job.rows,
                      job.priority, job.input_json, owner, job.webhook or ""]
         argv[0] = max_queue
+        argv.append(traceparent)  # always last (the script reads ARGV[#ARGV])
         job_keys = [*streams, idem, owned, *map(keys.job, ids)]
         if self.mux is not None:
             reply = await self.mux.evalsha(self._submit.sha, scripts.SUBMIT, job_keys, argv)

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 
+from shared import tracing
 from shared.logs import configure_logging
 from shared.settings import Settings
 from workers.process import main
@@ -21,6 +22,7 @@ def cli() -> None:
     args = parser.parse_args()
     settings = Settings()
     configure_logging(settings.log_level)
+    tracing.setup("worker")  # only if OTEL_* variables ask for traces
     logging.getLogger(__name__).info("worker starting model=%s index=%d", args.model, args.index)
     main(settings, args.model, args.index)
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from celery import signals
 
-from shared import keys
+from shared import keys, tracing
 from shared.celeryapp import BATCH_TASK, make_celery
 from shared.devices import Device, device_for, parse_devices
 from shared.heartbeats import Heartbeat, HeartbeatPublisher
@@ -118,7 +118,8 @@ class Worker:
     def _task(self, model: str, batch_id: str, job_ids: list[str], dispatched_ms: float = 0,
               solo: bool = False, entries: list[str] | None = None) -> dict[str, Any]:
         """The Celery task, on the consumer's thread: hand the batch to the loop and return."""
-        req = BatchRequest(model, batch_id, job_ids, dispatched_ms, solo)
+        trace = tracing.received(self.app.current_task.request.__dict__) if tracing.ON else None
+        req = BatchRequest(model, batch_id, job_ids, dispatched_ms, solo, trace)
         self.held.add(batch_id, entries or [])
         self._show_batches()
         running = self.loop.spawn(self._run(req))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
@@ -26,6 +26,9 @@ from shared.histograms import END_TO_END, RUN, LatencyRecorder
 from shared.model import InferenceModel, ModelContext
 from shared.modelspec import ModelSpec
 from shared.store import JobStore, Outcome, Started
+
+if TYPE_CHECKING:
+    from shared.otel import BatchTrace
 
 log = logging.getLogger(__name__)
 ITEM_LANES = 4  # threads running per-item pre/postprocess at once
@@ -48,6 +51,7 @@ class BatchRequest:
     job_ids: list[str]
     dispatched_ms: float = 0  # the batcher's wall clock at send, sub-millisecond
     solo: bool = False  # one suspect job run alone (see batcher.recovery)
+    trace: BatchTrace | None = None  # the batch's spans when its jobs are traced
 
 
 @dataclass
@@ -132,6 +136,8 @@ class ModelRuntime:
         thread, and its lane report goes out in the same round trip as its final write."""
         t0 = time.monotonic()
         report = BatchReport(req.batch_id, rows=len(req.job_ids))
+        if req.trace is not None:
+            req.trace.started(req.model, req.batch_id, self.ctx.worker_name)
         if req.dispatched_ms:
             report.handoff_ms = round(max(0.0, time.time() * 1000 - req.dispatched_ms), 3)
         outcomes: list[Outcome] = []
@@ -167,6 +173,8 @@ class ModelRuntime:
         finally:
             if not whole:
                 self._report_soon(report)
+            if req.trace is not None and report.outcome != "ok":
+                req.trace.finished(report.spans, t0, {}, report.outcome)
         q0 = time.monotonic()
         if not whole:
             for it, res in zip(live, results, strict=True):
@@ -197,6 +205,8 @@ class ModelRuntime:
         for it in items:
             self.latencies.observe(RUN, run_ms / 1000)
             self.latencies.observe(END_TO_END, max(0.0, done_ms - it.created_ms) / 1000)
+        if req.trace is not None:
+            req.trace.finished(report.spans, t0, {it.job_id: it.error for it in items})
         tail_ms = (time.monotonic() - q0) * 1000
         self.tail_ms = tail_ms if not self.tail_ms else self.tail_ms + (tail_ms - self.tail_ms) / 8
         return report
