@@ -96,23 +96,28 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from asyncinfer.benchview import ProgressView, plot, summary_table
     from asyncinfer.loadgen import Bench
 
     if args.rate <= 0 or args.duration <= 0:
         raise UsageError("--rate and --duration must be positive")
     payload = _read_input(args.input) if args.input else {"x": 1.0}
-    tty = sys.stderr.isatty()
-
-    def progress(line: str) -> None:
-        # On a terminal the line rewrites itself; in a log every update is its own line.
-        sys.stderr.write(f"\r{line}\033[K" if tty else f"{line}\n")
-        sys.stderr.flush()
-
+    view = ProgressView(sys.stderr)
     bench = Bench(args.url, args.model, payload, rate=args.rate, duration_s=args.duration,
-                  timeout_s=args.timeout, progress=progress)
-    summary = asyncio.run(bench.run())
-    if tty:
-        sys.stderr.write("\n")
+                  timeout_s=args.timeout, progress=view)
+    try:
+        summary = asyncio.run(bench.run())
+    finally:
+        view.close()
+    sys.stderr.write(summary_table(summary) + "\n")
+    if args.plot:
+        try:
+            where = plot(bench.samples, Path(args.plot), f"asyncinfer bench {args.model} "
+                         f"at {args.rate:g} jobs/s")
+        except ImportError as exc:
+            raise UsageError(f"--plot needs matplotlib ({exc})") from exc
+        sys.stderr.write(f"plot: {where}\n")
+        summary["plot"] = str(where)
     _print_json(summary)
     return 0
 
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON input of every job, '-' for stdin (default: {\"x\": 1.0})")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="give up on a job after S seconds")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw latency and throughput over the run (needs matplotlib)")
     p.set_defaults(func=_bench)
     return parser
 

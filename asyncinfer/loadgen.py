@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from asyncinfer.benchview import BenchProgress, Sample
 from asyncinfer.client import ApiError, AsyncClient
 
 PROGRESS_EVERY_S = 0.5
+RECENT_S = 5.0  # live throughput and latency are over this last stretch
 MAX_CONNECTIONS = 1000  # the offered load needs rate × latency connections at once
 
 
@@ -31,17 +33,21 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 class Bench:
-    """One run: `await Bench(...).run()` returns the summary; `progress` gets status lines."""
+    """One run: `await Bench(...).run()` returns the summary; `progress` gets snapshots
+    (`asyncinfer.benchview` draws them); `samples` has every job once it is over."""
 
     def __init__(self, url: str | None, model: str, input: Any, *, rate: float,
                  duration_s: float, timeout_s: float = 60.0,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[BenchProgress], None] | None = None) -> None:
         self.url, self.model, self.input = url, model, input
         self.rate, self.duration_s, self.timeout_s = rate, duration_s, timeout_s
         self.progress = progress
         self.outcomes: Counter[str] = Counter()
         self.latencies_ms: list[float] = []
+        self.samples: list[Sample] = []
+        self.recent: deque[tuple[float, float]] = deque()  # (finished, latency ms) of ok jobs
         self.sent = 0
+        self.started = 0.0
 
     async def _one(self, client: AsyncClient, scheduled: float) -> None:
         outcome: str
@@ -51,15 +57,28 @@ class Bench:
         except ApiError as exc:  # 429 when the backlog is full: the system said no
             outcome = "rejected" if exc.status == 429 else exc.type
         self.outcomes[outcome] += 1
-        if outcome == "succeeded":
-            self.latencies_ms.append((time.monotonic() - scheduled) * 1000)
+        now = time.monotonic()
+        latency_ms = (now - scheduled) * 1000 if outcome == "succeeded" else None
+        if latency_ms is not None:
+            self.latencies_ms.append(latency_ms)
+            self.recent.append((now, latency_ms))
+        self.samples.append(Sample(scheduled - self.started, latency_ms, outcome))
 
     def _report(self, started: float) -> None:
-        if self.progress is not None:
-            done = sum(self.outcomes.values())
-            self.progress(f"[bench] {time.monotonic() - started:5.1f}/{self.duration_s:g}s "
-                          f"sent={self.sent} done={done} ok={self.outcomes['succeeded']} "
-                          f"rejected={self.outcomes['rejected']} in_flight={self.sent - done}")
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        while self.recent and now - self.recent[0][0] > RECENT_S:
+            self.recent.popleft()
+        window = min(RECENT_S, max(now - started, 1e-3))
+        lat = sorted(v for _, v in self.recent)
+        done = sum(self.outcomes.values())
+        ok, rejected = self.outcomes["succeeded"], self.outcomes["rejected"]
+        self.progress(BenchProgress(
+            elapsed_s=now - started, duration_s=self.duration_s, sent=self.sent, done=done,
+            ok=ok, rejected=rejected, failed=done - ok - rejected,
+            throughput_per_s=len(lat) / window, p50_ms=percentile(lat, 50),
+            p99_ms=percentile(lat, 99)))
 
     async def run(self) -> dict[str, Any]:
         limits = httpx.Limits(max_connections=MAX_CONNECTIONS,
@@ -67,7 +86,7 @@ class Bench:
         # No client-side retries: a rejection is a result of the run, not something to hide.
         async with httpx.AsyncClient(limits=limits) as http, \
                 AsyncClient(self.url, max_retries=0, http=http) as client:
-            started = time.monotonic()
+            started = self.started = time.monotonic()
             total = max(1, int(self.rate * self.duration_s))
             tasks: list[asyncio.Task[None]] = []
             next_report = started

@@ -51,10 +51,15 @@ def test_commands_against_the_real_system(procs: Procs, settings: Settings, tmp_
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "409 conflict" in err
 
-    code, out, err = run(capsys, "bench", "synthetic", "--rate", "40", "--duration", "1")
+    png = tmp_path / "bench.png"
+    code, out, err = run(capsys, "bench", "synthetic", "--rate", "40", "--duration", "1",
+                         "--plot", str(png))
     summary = json.loads(out)
     assert code == 0 and summary["sent"] == 40 and summary["outcomes"] == {"succeeded": 40}
-    assert summary["latency_ms"]["p50"] > 0 and "[bench]" in err
+    assert summary["latency_ms"]["p50"] > 0
+    assert "jobs/s" in err and "p99" in err and "] " in err  # the progress bar, not a TTY here
+    assert "latency p99" in err and "succeeded" in err  # the closing table
+    assert png.read_bytes()[:4] == b"\x89PNG" and summary["plot"] == str(png)
 
 
 def test_console_script_prints_one_line_and_exits_1_or_2(tmp_path: Path) -> None:

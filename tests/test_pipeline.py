@@ -25,6 +25,7 @@ async def _final(client: httpx.AsyncClient, job_id: str, wait_s: float = 30) -> 
     return body
 
 
+@pytest.mark.torch
 async def test_200_concurrent_jobs_match_the_model_run_directly(procs: Procs,
                                                                  settings: Settings) -> None:
     import torch
