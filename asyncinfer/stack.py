@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from asyncinfer import status
 from asyncinfer.secrets import StackSecrets, ensure_secrets
 from shared.flower import flower_command
 from shared.procs import spawn, terminate, wait_port
@@ -78,6 +79,17 @@ class Stack:
             self.redis.stop()
 
 
+def _role_rows(stack: Stack) -> list[status.RoleRow]:
+    procs: dict[str, subprocess.Popen[bytes] | None] = {}
+    if stack.redis is not None:
+        procs["redis"] = stack.redis.proc
+    procs.update(stack.procs)
+    urls = stack.urls()
+    logs = stack.state_dir / "logs"
+    details = {name: urls.get(name) or str(logs / f"{name}.log") for name in procs}
+    return status.role_rows(procs, details)
+
+
 def up(settings: Settings, state_dir: Path, with_flower: bool = True) -> int:
     """Run the stack in the foreground until SIGINT/SIGTERM; returns an exit code."""
     stack = Stack(settings, state_dir, with_flower)
@@ -89,6 +101,7 @@ def up(settings: Settings, state_dir: Path, with_flower: bool = True) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    problems = status.ProblemTail(state_dir / "logs")
     try:
         stack.start()
         print("asyncinfer is up:", flush=True)
@@ -98,12 +111,19 @@ def up(settings: Settings, state_dir: Path, with_flower: bool = True) -> int:
             print(f"New secrets, shown this once (kept in {stack.secrets.path}):", flush=True)
             for name, value in stack.secrets.created.items():
                 print(f"  {name}={value}", flush=True)
-        print("Ctrl-C stops everything.", flush=True)
+        print(status.table(_role_rows(stack)), flush=True)
+        print("Ctrl-C stops everything. Problems in the logs show up below.", flush=True)
         while not stopping:
+            for line in problems.look():
+                print(f"  ! {line}", file=sys.stderr, flush=True)
             dead = stack.crashed()
             if dead:
-                print(f"stopping: {', '.join(dead)} exited; see {state_dir / 'logs'}",
-                      file=sys.stderr, flush=True)
+                print(status.table(_role_rows(stack)), file=sys.stderr, flush=True)
+                for name in dead:
+                    log_path = state_dir / "logs" / f"{name}.log"
+                    print(f"stopping: {name} exited; the end of {log_path}:", file=sys.stderr)
+                    for line in status.last_lines(log_path):
+                        print(f"  | {line}", file=sys.stderr, flush=True)
                 return 1
             time.sleep(0.5)
         return 0

@@ -66,6 +66,10 @@ def test_up_serves_a_job_without_redis_server(tmp_path: Path) -> None:
         out, _ = up.communicate(timeout=90)
     assert up.returncode == 0, out
     assert "asyncinfer is up" in out and "asyncinfer stopped." in out
+    table = out[out.index("ROLE"):].splitlines()
+    assert {line.split()[0]: line.split()[2] for line in table[1:5]} == {
+        "redis": "running", "gateway": "running", "batcher": "running",
+        "autoscaler": "running"}
     assert "Valkey" in (tmp_path / "state" / "redis" / "redis.log").read_text()
 
 
