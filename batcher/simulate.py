@@ -47,6 +47,7 @@ class Arrival:
     rows: int = 1
     priority: Priority = "normal"
     ttl_s: float | None = None
+    deadline_s: float | None = None  # relative to t_s, like a submit's deadline_ms
 
 
 def make_trace(
@@ -126,6 +127,7 @@ class SimResult:
     late_share: float
     shed_share: float
     expired_share: float
+    deadline_met_share: float  # of the requests with a deadline: finished within it
     decide_calls: int
     makespan_s: float
 
@@ -182,8 +184,9 @@ def simulate(
         elif t_arrival == now:
             arr = arrivals[index]
             expires = None if arr.ttl_s is None else arr.t_s + arr.ttl_s
+            deadline = None if arr.deadline_s is None else arr.t_s + arr.deadline_s
             key = f"r{index}"
-            policy.add(Pending(key, key, arr.rows, arr.priority, arr.t_s, expires))
+            policy.add(Pending(key, key, arr.rows, arr.priority, arr.t_s, expires, deadline))
             index += 1
         else:
             wake = None
@@ -240,6 +243,9 @@ def _measure(
     makespan = max([a.t_s for a in arrivals[-1:]] + list(finish_at.values()) + [1e-9])
     budget_s = config.max_latency_ms / 1000.0
     reasons = list(dropped.values())
+    with_deadline = [(i, a) for i, a in enumerate(arrivals) if a.deadline_s is not None]
+    met = sum(1 for i, a in with_deadline if f"r{i}" in finish_at
+              and finish_at[f"r{i}"] - a.t_s <= (a.deadline_s or 0.0))
     return SimResult(
         requests=len(arrivals),
         completed=len(latencies),
@@ -249,7 +255,8 @@ def _measure(
         p99_ms=1000.0 * _quantile(latencies, 0.99),
         late_share=sum(1 for x in latencies if x > budget_s) / total,
         shed_share=reasons.count("overloaded") / total,
-        expired_share=reasons.count("expired") / total,
+        expired_share=(reasons.count("expired") + reasons.count("deadline_exceeded")) / total,
+        deadline_met_share=met / len(with_deadline) if with_deadline else 1.0,
         decide_calls=calls,
         makespan_s=makespan,
     )

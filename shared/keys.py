@@ -45,6 +45,11 @@ def cancel_channel(model: str) -> str:
     return f"{CANCEL_CHANNEL_PREFIX}{model}"
 
 
+# Pub/sub channel carrying the id of every watched job (an SSE client follows it, or its webhook
+# wants "running") when a worker starts it.
+RUNNING_CHANNEL = f"{PREFIX}:ev:running"
+
+
 # Caps on auxiliary streams; approximate trimming keeps them bounded without a sweeper.
 COMPLETIONS_MAXLEN = 10_000
 DEAD_LETTER_MAXLEN = 10_000
@@ -78,6 +83,19 @@ def stream(model: str, priority: PriorityName) -> str:
 def streams(model: str) -> list[str]:
     """The model's request streams, in PRIORITIES order."""
     return [stream(model, p) for p in PRIORITIES]
+
+
+def due(model: str, priority: PriorityName) -> str:
+    """Sorted set of the model's queued jobs of one priority, scored by due time (epoch ms: the
+    job's deadline, else its submit + max_latency_ms): the batcher's order within the class,
+    from which a job's position, ETA and the admission of a deadline are computed. A job leaves
+    it when a worker starts it or it ends."""
+    return f"{PREFIX}:due:{model}:{priority}"
+
+
+def dues(model: str) -> list[str]:
+    """The model's due sets, in PRIORITIES order."""
+    return [due(model, p) for p in PRIORITIES]
 
 
 def completions(model: str) -> str:

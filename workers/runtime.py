@@ -253,6 +253,10 @@ class ModelRuntime:
         elif st.verdict == "expired":
             outcomes.append(Outcome(st.job_id, "expired", error={
                 "type": "expired", "message": "the job waited longer than its ttl_s"}))
+        elif st.verdict == "deadline":  # never computed: worthless past its deadline
+            outcomes.append(Outcome(st.job_id, "expired", error={
+                "type": "deadline_exceeded",
+                "message": "the job's deadline passed before it could start"}))
         else:  # moved, canceled, already final, missing
             report.skipped += 1
 
