@@ -179,7 +179,8 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
         if done.replay:
             return d, await d.store.get_many(done.ids, owner), owner
         created = iso(done.created_ms) or ""
-        positions: list[int | None] = list(done.positions or [None] * len(done.ids))
+        positions: list[int | None] = (list(done.positions) if done.positions
+                                       else [None] * len(done.ids))
         out = []
         for job_id, job, ahead in zip(done.ids, jobs, positions, strict=True):
             deadline: int | None = (None if job.deadline_ms is None
