@@ -70,6 +70,8 @@ def _submit(args: argparse.Namespace) -> int:
         options["ttl_s"] = args.ttl
     if args.webhook:
         options["webhook"] = args.webhook
+    if args.deadline_ms is not None:
+        options["deadline_ms"] = args.deadline_ms
     if args.idempotency_key:
         options["idempotency_key"] = args.idempotency_key
     with _client(args) as client:
@@ -79,6 +81,11 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _get(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if args.follow:  # JSON lines: the job at each status change, until the final one
+            for event in client.events(args.job_id):
+                sys.stdout.write(json.dumps(event.job.public()) + "\n")
+                sys.stdout.flush()
+            return 0
         _print_json(client.get(args.job_id, wait=args.wait).public())
     return 0
 
@@ -159,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expire the job if still queued after S seconds")
     p.add_argument("--webhook", default=None, metavar="URL",
                    help="POST the final job here (signed)")
+    p.add_argument("--deadline-ms", type=int, default=None, metavar="MS",
+                   help="worth computing only if finished within MS ms (else 429 up front, or "
+                        "expired unrun)")
     p.add_argument("--idempotency-key", default=None, metavar="KEY")
     p.set_defaults(func=_submit)
 
@@ -166,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", metavar="ID")
     p.add_argument("--wait", type=float, default=None, metavar="S",
                    help="long-poll up to S seconds for the job to be final")
+    p.add_argument("--follow", action="store_true",
+                   help="print the job at each status change until it is final (SSE)")
     p.set_defaults(func=_get)
 
     p = sub.add_parser("cancel", parents=[remote], help="cancel a queued or running job")

@@ -91,6 +91,20 @@ def make_trace(
     return [Arrival(t, 1, rng.choices(levels, priorities)[0], ttl_s) for t in times]
 
 
+def deadline_burst(cost: CostModel, max_batch_size: int, *, backlog_s: float = 1.0,
+                   burst: int = 32, slack: float = 3.0, seed: int = 0) -> list[Arrival]:
+    """A backlog of loose jobs (no deadline: due at arrival + max_latency_ms) arriving at
+    twice the capacity of one worker for `backlog_s`, and, a third of the way in, a burst of
+    `burst` jobs whose deadline is `slack` times one full batch's time."""
+    rng = random.Random(seed)
+    rate = 2 * cost.capacity_rps(max_batch_size, 1)
+    loose = [Arrival(i / rate) for i in range(int(rate * backlog_s))]
+    tight_s = slack * (cost.a_s * max_batch_size + cost.b_s)
+    at = backlog_s / 3
+    tight = [Arrival(at + rng.uniform(0, 0.005), deadline_s=tight_s) for _ in range(burst)]
+    return sorted(loose + tight, key=lambda a: a.t_s)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Predict duration `a·rows + b` seconds, times a log-normal factor of relative spread
