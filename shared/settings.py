@@ -35,6 +35,9 @@ class Settings(BaseSettings):
         "auto",
         description="'auto' (every GPU, else one CPU slot per core), 'cpu:N', or 'cuda:0,1,...'.",
     )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads of one GPU worker; unset: the host's cores / its "
+        "devices (a CPU slot always computes on its one core).")
     heartbeat_interval_s: float = 1.0
     reclaim_idle_s: float = Field(
         60.0, description="Stream entries idle this long are reclaimed from a dead consumer."

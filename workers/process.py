@@ -24,14 +24,14 @@ from celery import signals
 
 from shared import keys
 from shared.celeryapp import BATCH_TASK, make_celery
-from shared.devices import Device, device_for, parse_devices
-from shared.heartbeats import Heartbeat, HeartbeatPublisher
+from shared.devices import Device, device_for, from_env, parse_devices
+from shared.heartbeats import Heartbeat, HeartbeatPublisher, worker_name
 from shared.model import ModelContext
 from shared.modelspec import ModelSpec, load_specs
 from shared.redisconn import connect
 from shared.settings import Settings
 from shared.store import JobStore
-from workers import context
+from workers import context, devicecheck
 from workers.loop import LoopThread
 from workers.runtime import BatchRequest, BatchTimeout, ModelRuntime
 
@@ -61,25 +61,30 @@ class Worker:
     def __init__(self, settings: Settings, spec: ModelSpec, index: int) -> None:
         self.settings = settings
         self.spec = spec
-        self.device = device_for(parse_devices(settings.devices), index)
+        # The launcher chose the device and said so in the environment; only a worker started
+        # by hand derives it from its index.
+        self.device = from_env(os.environ) or device_for(parse_devices(settings.devices), index)
         # Only the threads that run the model are pinned to the slot's core: the Celery consumer,
         # the Redis I/O loop and per-item work float, so on a small machine they do not queue
         # behind the model on its core.
         self.cores = compute_cores(self.device)
-        self.threads = 1 if self.cores is not None else max(
+        # A GPU worker takes its launcher's share of the host's cores (cores / workers).
+        self.threads = 1 if self.cores is not None else settings.torch_threads or max(
             1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-        self.name = f"{spec.name}-{index}@{socket.gethostname()}"
+        self.name = worker_name(spec.name, index, self.device.slug, socket.gethostname())
         self.slots = spec.options.predict_concurrency + 1
         self.loop = LoopThread()
         self.redis = connect(settings)
         self.store = JobStore(self.redis, result_ttl_s=settings.result_ttl_s,
                               job_ttl_s=settings.job_ttl_s, max_attempts=settings.max_attempts)
         ctx = ModelContext(model=spec.name, worker_index=index, device=self.device.torch_device,
-                           worker_name=self.name)
+                           worker_name=self.name, device_label=self.device.label,
+                           device_uuid=self.device.uuid)
         context.set_current(ctx)
         self.heartbeat = HeartbeatPublisher(self.redis, Heartbeat(
             name=self.name, model=spec.name, index=index, device=self.device.label,
-            slots=self.slots, cores=sorted(self.cores or ())), settings.heartbeat_interval_s)
+            slots=self.slots, device_uuid=self.device.uuid, cores=sorted(self.cores or ())),
+            settings.heartbeat_interval_s)
         self.runtime = ModelRuntime(spec, ctx, self.store,
                                     compute_thread_init=lambda: pin_thread(self.cores))
         self.app = make_celery(settings)
@@ -136,6 +141,7 @@ class Worker:
         hb_task = self.loop.spawn(self.heartbeat.run())
         self.loop.call(self.heartbeat.publish())
         try:
+            self.heartbeat.hb.torch_uuid = devicecheck.verify(self.device)
             self.runtime.load()
             _set_torch_threads(self.threads)
             self.heartbeat.hb.state = "ready"

@@ -107,7 +107,8 @@ class ModelRuntime:
             report.handoff_ms = round(max(0.0, time.time() * 1000 - req.dispatched_ms), 3)
         outcomes: list[Outcome] = []
         items: list[_Item] = []
-        for st in await self.store.start(req.job_ids, self.ctx.worker_name, self.ctx.device):
+        for st in await self.store.start(req.job_ids, self.ctx.worker_name,
+                                         self.ctx.device_label or self.ctx.device):
             if st.verdict == "run":
                 items.append(_Item(st.job_id, st.attempts, st.created_ms, st.input_json))
             elif st.verdict == "poison":
@@ -139,7 +140,8 @@ class ModelRuntime:
         run_ms = round((time.monotonic() - t0) * 1000, 3)
         for it in items:
             metrics = {"queue_ms": round(max(0.0, started_ms - it.created_ms), 3),
-                       "run_ms": run_ms, "batch_size": len(items), "device": self.ctx.device}
+                       "run_ms": run_ms, "batch_size": len(items),
+                       "device": self.ctx.device_label or self.ctx.device}
             if it.error is None:
                 outcomes.append(Outcome(it.job_id, "succeeded", output_json=it.value,
                                         metrics=metrics))
