@@ -21,9 +21,9 @@ def test_start_failures_back_off_exponentially_then_give_up() -> None:
     for _ in range(c.give_up_after - 1):
         assert loop.may_start()
         delays.append(loop.exited(1, was_up=False))
-        assert loop.state == "backoff" and not loop.may_start()
+        assert (loop.state, loop.may_start()) == ("backoff", False)
         clock.t += delays[-1]
-        assert loop.state == "ok" and loop.may_start()
+        assert (loop.state, loop.may_start()) == ("ok", True)
     assert delays == [c.base_s * c.factor ** n for n in range(1, c.give_up_after)]
     assert loop.exited(1, was_up=False) == float("inf")
     assert loop.gave_up and loop.state == "failed" and not loop.may_start()
