@@ -69,11 +69,16 @@ class Procs:
         return self.start(f"worker-{model}-{index}", "workers", "--model", model,
                           "--index", str(index), WORKER_INDEX=str(index))
 
-    def gateway(self) -> str:
+    def gateway(self, **env: str) -> str:
         port = free_port()
-        self.start(f"gateway-{port}", "gateway", ASYNCINFER_GATEWAY_PORT=str(port))
+        self.start(f"gateway-{port}", "gateway", ASYNCINFER_GATEWAY_PORT=str(port), **env)
         assert wait_port("127.0.0.1", port, 30), self.logs()
         return f"http://127.0.0.1:{port}"
+
+    def autoscaler(self, name: str = "autoscaler", **env: str) -> subprocess.Popen[bytes]:
+        """`python -m workers.autoscaler`, its workers' logs next to the test's other logs."""
+        return self.start(name, "workers.autoscaler", ASYNCINFER_LOG_DIR=str(self.log_dir),
+                          **env)
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}"

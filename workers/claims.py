@@ -50,16 +50,8 @@ end
 return 0
 """
 
-# KEYS[1] claims hash. ARGV: expiry_ms, names... Extends the claims that still exist (an
-# expired one is not revived: its slot may have gone to another host).
-_REFRESH = """
-for i = 2, #ARGV do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
-  end
-end
-return 0
-"""
+# A live worker keeps its claim even if it lapsed (Redis was away longer than the TTL): the
+# claims count workers that exist, so a lapse never lets another host start one too many.
 
 
 def _now_ms() -> int:
@@ -73,7 +65,6 @@ class Claims:
         self.redis = redis
         self.ttl_ms = int(ttl_s * 1000)
         self._claim = redis.register_script(_CLAIM)
-        self._refresh = redis.register_script(_REFRESH)
 
     async def claim(self, model: str, name: str, desired: int) -> bool:
         """Take a slot for worker `name` if the model's live claims are below `desired`."""
@@ -91,10 +82,11 @@ class Claims:
         await self.redis.hdel(keys.worker_claims(model), name)
 
     async def refresh(self, model: str, names: list[str]) -> list[str]:
-        """Extend this autoscaler's claims; returns every live claim of the model (all hosts)."""
+        """Extend the claims of this autoscaler's live workers `names`; returns every live claim
+        of the model (all hosts)."""
         now = _now_ms()
         if names:
-            await self._refresh(keys=[keys.worker_claims(model)],
-                                args=[now + self.ttl_ms, *names])
+            await self.redis.hset(keys.worker_claims(model),
+                                  mapping={n: now + self.ttl_ms for n in names})
         raw = await self.redis.hgetall(keys.worker_claims(model))
         return [str(n) for n, expiry in raw.items() if int(expiry) > now]
