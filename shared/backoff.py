@@ -26,11 +26,14 @@ class BackoffConfig:
     give_up_after: int = 5  # consecutive start failures
 
 
+DEFAULT = BackoffConfig()
+
+
 class CrashLoop:
     """The restart state of one supervised thing (a role, or one model's workers)."""
 
     def __init__(self, clock: Callable[[], float],
-                 config: BackoffConfig = BackoffConfig()) -> None:
+                 config: BackoffConfig = DEFAULT) -> None:
         self.clock = clock
         self.config = config
         self.start_failures = 0  # consecutive exits before being up
