@@ -99,8 +99,10 @@ def test_up_restarts_killed_roles_under_load_and_loses_nothing(tmp_path: Path) -
             victim = _children(up.pid)[role]
             os.kill(victim, signal.SIGKILL)
             t0 = time.monotonic()
-            wait_until(lambda r=role, v=victim: _children(up.pid).get(r, v) != v, 30,
-                       f"{role} restarted")
+            def replaced(r: str = role, v: int = victim) -> bool:
+                return _children(up.pid).get(r, v) != v
+
+            wait_until(replaced, 30, f"{role} restarted")
             if role == "flower":
                 wait_until(lambda: _port_open(flower_port), 30, "flower answering")
             wait_until(lambda: _ready(url), 30, "the gateway ready")
