@@ -33,7 +33,9 @@ class Settings(BaseSettings):
 
     devices: str = Field(
         "auto",
-        description="'auto' (every GPU, else one CPU slot per core), 'cpu:N', or 'cuda:0,1,...'.",
+        description="Devices this host's autoscaler owns: 'auto' (every visible GPU, else one CPU "
+        "slot per core), 'cpu:N', 'cpu:I-J', 'cuda', or 'cuda:0,1' / 'cuda:GPU-...' (see "
+        "docs/gpu.md).",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads of one GPU worker; unset: the host's cores / its "
