@@ -1,8 +1,10 @@
 """`python -m workers.autoscaler`: keeps each model's worker count matched to its load.
 
-Reads the signals from Redis (stream backlog, in-flight entries, heartbeats), asks the scaling
-policy per model, and acts through the local launcher. Stopping it drains and stops every
-worker it started.
+Reads the signals from Redis (stream backlog, in-flight entries, every host's heartbeats and
+worker claims), asks the scaling policy per model, and acts through the local launcher, which
+owns this host's devices. With autoscalers on several hosts, the claims (workers.claims) keep
+them all within one desired count per model. It publishes its launcher's state per model (for
+GET /v1/models/{m}) and its own heartbeat. Stopping it drains and stops every worker it started.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 from shared.devices import Device
 from workers.allocation import Placement, pick, room
+from workers.launcher import torch_threads_per_worker
 
 DEVICES = [Device("cuda", i, f"GPU-{i}") for i in range(4)]
 
@@ -56,3 +58,10 @@ def test_scale_down_frees_the_device_for_another_model() -> None:
         place(model, placed)
     placed.remove(Placement("a", DEVICES[2]))  # a worker of a drained
     assert place("b", placed) == DEVICES[2]
+
+
+def test_torch_threads_split_the_host_cores_between_gpu_workers() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert torch_threads_per_worker(DEVICES[:1]) == cores
+    assert torch_threads_per_worker(DEVICES) == max(1, cores // 4)
+    assert torch_threads_per_worker([Device("cpu", 0), Device("cpu", 1)]) == 1

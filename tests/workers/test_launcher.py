@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from shared import keys
+from shared.devices import Device, pinning_env
 from shared.settings import Settings
 from tests.conftest import Procs, wait_until, workers_ready
 
@@ -113,3 +114,14 @@ def test_a_crash_looping_model_backs_off_then_is_given_up(procs: Procs, settings
     assert r.hlen(keys.worker_claims("broken")) == 0
     assert scaler.poll() is None
     print(f"crash loop: {len(states)} states seen, backoff {delays} s, then given up")
+
+
+def test_a_gpu_worker_without_cuda_stops_with_a_clear_error(procs: Procs) -> None:
+    # This machine's torch is a CPU build: a worker handed a GPU must say so and exit, not serve
+    # on the CPU.
+    worker = procs.start("worker-nocuda", "workers", "--model", "synthetic",
+                         **pinning_env(Device("cuda", 3, "GPU-0000aaaa"), 1))
+    assert worker.wait(120) != 0
+    log = (procs.log_dir / "worker-nocuda.log").read_text()
+    assert "given cuda:3 (GPU-0000aaaa) but torch sees no CUDA device" in log, log[-2000:]
+    assert "CUDA_VISIBLE_DEVICES='GPU-0000aaaa'" in log
