@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.expiring import live
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,7 @@ class Heartbeat:
 
 async def live_workers(redis: aioredis.Redis, model: str) -> list[dict[str, Any]]:
     """Heartbeats of the model's workers that are alive now; prunes the expired ones."""
-    raw = await redis.hgetall(keys.workers(model))
-    now = time.time() * 1000
-    alive: list[dict[str, Any]] = []
-    dead: list[str] = []
-    for name, value in raw.items():
-        hb = json.loads(value)
-        if hb.get("expires_ms", 0) > now:
-            alive.append(hb)
-        else:
-            dead.append(str(name))
-    if dead:
-        await redis.hdel(keys.workers(model), *dead)
-    return alive
+    return await live(redis, keys.workers(model))
 
 
 class HeartbeatPublisher:

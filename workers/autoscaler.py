@@ -22,7 +22,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared import keys, launchstate
+from shared import expiring, keys
 from shared.devices import parse_devices
 from shared.heartbeats import SERVING_STATES, live_workers
 from shared.logs import configure_logging
@@ -67,7 +67,7 @@ class Autoscaler:
             await self.claims.release(gone.model, gone.name)
         for name in self.specs:
             await self._model_step(name)
-        await launchstate.put(self.redis, keys.autoscalers(), self.id, {
+        await expiring.put(self.redis, keys.autoscalers(), self.id, {
             "id": self.id, "host": self.launcher.host, "pid": os.getpid(),
             "devices": [d.label for d in self.launcher.devices],
             "workers": sorted(self.launcher.workers)})
@@ -102,7 +102,7 @@ class Autoscaler:
             if worker is not None and await self.claims.release_above(model, worker.name,
                                                                       decision.desired):
                 self.launcher.drain(worker)
-        await launchstate.put(self.redis, keys.launch_state(model), self.id, {
+        await expiring.put(self.redis, keys.launch_state(model), self.id, {
             "autoscaler": self.id, "host": self.launcher.host,
             **self.launcher.state(model)})
 
