@@ -82,6 +82,8 @@ class Autoscaler:
             if w.name in serving:
                 self.launcher.mark_up(w)
         claimed = await self.claims.refresh(model, [w.name for w in mine if not w.draining])
+        # Workers started by hand serve without a claim: the claims may fill only the rest.
+        unclaimed = len(serving - set(claimed))
         policy = self.policies[model]
         decision = policy.decide(ScaleInputs(
             queued=queued, in_flight=in_flight, live=len(serving),
@@ -92,15 +94,15 @@ class Autoscaler:
         if decision.action == "up":
             for _ in range(decision.delta):
                 plan = self.launcher.plan(model, per_device)
-                if plan is None or not await self.claims.claim(model, plan.name,
-                                                               decision.desired):
+                if plan is None or not await self.claims.claim(
+                        model, plan.name, max(0, decision.desired - unclaimed)):
                     break  # no device left here, or other hosts took the slots
                 self.launcher.start(plan)
         elif decision.action == "down":
             busy = {n for n, b in beats.items() if int(b.get("busy", 0))}
             worker = self.launcher.drain_candidate(model, busy)
-            if worker is not None and await self.claims.release_above(model, worker.name,
-                                                                      decision.desired):
+            if worker is not None and await self.claims.release_above(
+                    model, worker.name, max(0, decision.desired - unclaimed)):
                 self.launcher.drain(worker)
         await expiring.put(self.redis, keys.launch_state(model), self.id, {
             "autoscaler": self.id, "host": self.launcher.host,
