@@ -252,6 +252,8 @@ def test_worker_probe_follows_the_workers_own_heartbeat(manifests: list[tuple[st
     beat = {"name": name, "model": "mlp", "state": "ready", "host": socket.gethostname(),
             "expires_ms": int((time.time() + 60) * 1000)}
     r.hset(keys.workers("mlp"), name, json.dumps(beat))
+    assert run_snippet(check, redis_server.url) == 1  # a record alone is no sign of life
+    r.set(keys.alive("mlp", name), "ready", px=3000)
     assert run_snippet(check, redis_server.url) == 0
     r.close()
 

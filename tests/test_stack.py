@@ -103,7 +103,9 @@ def test_up_restarts_killed_roles_under_load_and_loses_nothing(tmp_path: Path) -
     up = subprocess.Popen([str(SCRIPT), "up", "--state-dir", str(state)], stdout=out,
                           stderr=subprocess.STDOUT, start_new_session=True,
                           env=_env(ASYNCINFER_GATEWAY_PORT=str(port),
-                                   ASYNCINFER_FLOWER_PORT=str(flower_port)))
+                                   ASYNCINFER_FLOWER_PORT=str(flower_port),
+                                   # the load's sleep_s is a fault hook of the synthetic model
+                                   ASYNCINFER_FAULT_INJECTION="true"))
     load: SteadyLoad | None = None
     recovery: dict[str, tuple[float, float]] = {}
     try:
