@@ -14,6 +14,7 @@ from prometheus_client.core import HistogramMetricFamily
 
 from shared import keys
 from shared.heartbeats import live_workers
+from shared.launchstate import model_launchers, role_restarts
 from shared.modelspec import ModelSpec
 
 SUBMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -67,6 +68,13 @@ class GatewayMetrics:
                              registry=r)
         self.autoscaler = Gauge("asyncinfer_autoscaler", "Inputs and output of the last scaling "
                                 "decision", ["model", "value"], registry=r)
+        self.worker_restarts = Gauge("asyncinfer_worker_restarts", "Workers that exited unasked "
+                                     "(all autoscalers alive now)", ["model"], registry=r)
+        self.model_failed = Gauge("asyncinfer_model_launch_failed", "Autoscalers that gave up "
+                                  "starting the model's workers (they keep dying before "
+                                  "serving)", ["model"], registry=r)
+        self.role_restarts = Gauge("asyncinfer_role_restarts", "Restarts of the processes "
+                                   "`asyncinfer up` supervises", ["role"], registry=r)
         self.dispatches = Gauge("asyncinfer_batcher_dispatches", "Batches released by reason",
                                 ["model", "reason"], registry=r)
 
@@ -96,6 +104,11 @@ class GatewayMetrics:
                 by_state[w["state"]] = by_state.get(w["state"], 0) + 1
             for worker_state, n in by_state.items():
                 self.workers.labels(model, worker_state).set(n)
+            launchers = await model_launchers(self.redis, model)
+            self.worker_restarts.labels(model).set(sum(int(e.get("restarts", 0))
+                                                       for e in launchers))
+            self.model_failed.labels(model).set(sum(1 for e in launchers
+                                                    if e.get("state") == "failed"))
             state = json.loads(state_raw) if state_raw else {}
             states[model] = state
             for name in ("a_s", "b_s", "avg_wait_ms", "in_flight", "queue_rows", "slots",
@@ -104,4 +117,6 @@ class GatewayMetrics:
                     self.batcher.labels(model, name).set(state[name])
             for reason, n in (state.get("dispatch_reasons") or {}).items():
                 self.dispatches.labels(model, reason).set(n)
+        for role, n in (await role_restarts(self.redis)).items():
+            self.role_restarts.labels(role).set(n)
         return generate_latest(self.registry) + generate_latest(_Histograms(states))

@@ -195,6 +195,38 @@ def kombu_queue_keys(queue: str) -> list[str]:
             f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
 
 
+# Worker claims (see workers.claims): a claim lives this long unless its autoscaler refreshes it,
+# so the claims of a dead autoscaler free their slots within it.
+CLAIM_TTL_S = 10
+# Launcher and supervisor states outlive their writer by this much (they are rewritten every
+# autoscaler pass / supervisor change).
+LAUNCH_STATE_TTL_S = 10
+
+
+def worker_claims(model: str) -> str:
+    """Hash worker name -> expiry (ms) of the model's workers that autoscalers started or are
+    starting, on every host: the shared count that keeps them all within the desired number."""
+    return f"{PREFIX}:claims:{model}"
+
+
+def launch_state(model: str) -> str:
+    """Hash autoscaler id -> JSON of its launcher's state for the model (ok, backoff, failed;
+    restarts, last exit), each with its own expiry."""
+    return f"{PREFIX}:launch:{model}"
+
+
+def autoscalers() -> str:
+    """Hash autoscaler id -> JSON heartbeat (host, devices, pid, expiry) of live autoscalers."""
+    return f"{PREFIX}:autoscalers"
+
+
+def restarts() -> str:
+    """Hash role -> restarts of the processes `asyncinfer up` supervises (gateway, batcher,
+    autoscaler, flower, redis)."""
+    return f"{PREFIX}:restarts"
+
+
+
 # A webhook's delivery state lives this long after its last write (far past any retry schedule).
 WEBHOOK_STATE_TTL_S = 86_400
 # How long a delivered webhook stays marked done: longer than any second holder of its stream
