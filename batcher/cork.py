@@ -2,7 +2,8 @@
 
 `decide` applies these rules in order:
 
-1. Requests whose `expires_s` has passed come back as `Shed(reason="expired")`.
+1. Requests whose deadline has passed come back as `Shed(reason="deadline_exceeded")`, those
+   whose `expires_s` (ttl) has, as `Shed(reason="expired")`.
 2. With `on_overload="shed"` and a calibrated model, requests that cannot make their budget come
    back as `Shed(reason="overloaded")`, oldest first. The estimate plans the whole queue onto
    the slots in dispatch order: free slots start now, busy ones when their in-flight batch is
@@ -12,9 +13,11 @@
    of `a*rows + b` sees different sizes. A probe of k rows waits for its k rows when the arrival
    rate says they come within half the budget of its oldest request, so light traffic
    calibrates the fit too; a trickle is never held.
-5. Release at once when the queue holds `max_batch_size` rows, or when waiting any longer would
-   push the oldest request of the batch past `max_latency_ms` (counting the pessimistic duration
-   of the batch with one more arrival in it).
+5. Within a priority the queue is earliest due first (a request's deadline, else its arrival +
+   `max_latency_ms`), and a batch is cut short when a full one would make its most urgent request
+   miss its due time and a smaller one would not. Release at once when the queue holds
+   `max_batch_size` rows, or when waiting any longer would push the batch's earliest due time
+   (counting the pessimistic duration of the batch with one more arrival, and the overhead).
 6. Otherwise release unless waiting for the next arrival is expected to lower latency
    (`_waiting_pays`); when it is, `Wait(until_s)` names the earliest of the latency deadline,
    the instant the expected gain runs out, and the next shed or expiry. No polling.
