@@ -23,7 +23,11 @@ def task_message(app: Celery, task: str, queue: str, args: Sequence[Any],
                  kwargs: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """(task id, the JSON string to LPUSH onto `queue`) for one call of `task`."""
     task_id = str(uuid.uuid4())
-    msg = app.amqp.as_task_v2(task_id, task, args=list(args), kwargs=dict(kwargs or {}))
+    # argsrepr/kwargsrepr given, lists summarised: Celery would otherwise saferepr() the job ids
+    # of every batch (Flower shows these strings; a count says enough).
+    shown = ", ".join(f"<{len(a)} items>" if isinstance(a, list) else repr(a) for a in args)
+    msg = app.amqp.as_task_v2(task_id, task, args=list(args), kwargs=dict(kwargs or {}),
+                              argsrepr=f"[{shown}]", kwargsrepr="{...}")
     content_type, encoding, body = dumps(msg.body, serializer="json")  # type: ignore[no-untyped-call]
     raw = body.encode(encoding) if isinstance(body, str) else body
     envelope = {
