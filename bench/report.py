@@ -266,8 +266,8 @@ def synthetic_section(res: dict[str, Any], L: list[str]) -> None:
              f"{f0(cap)} jobs/s on its one worker; Poisson arrivals at multiples of it. Served "
              "latency is over the jobs that succeeded; shed jobs fail at once with error "
              "`overloaded`.\n")
-    L.append("| offered | jobs/s | served | goodput ≤ 200 ms | served p50 ms | served p99 ms | "
-             "shed | refused (429) | batch |")
+    L.append("| offered | offered jobs/s | served jobs/s | goodput ≤ 200 ms | served p50 ms | "
+             "served p99 ms | shed | refused (429) | batch |")
     L.append("|---|---|---|---|---|---|---|---|---|")
     for x in s["shed_agg"]:
         st = x.get("statuses") or {}
@@ -314,14 +314,19 @@ def http_section(res: dict[str, Any], L: list[str]) -> None:
     L.append(f"Closed loop, C={h['concurrency']}, the bare trivial server (FastAPI/uvicorn built "
              "like the gateway, doing nothing) against the gateway alone (Redis + gateway, "
              "nothing consuming):\n")
-    L.append("| | requests or jobs/s | generator cores |")
+    tj = h["trivial_jobs"]
+    us = 1e6 * (tj.get("client_cpu_s") or 0) / max(1, tj.get("requests") or 1)
+    L.append("| | per second | generator cores |")
     L.append("|---|---|---|")
-    L.append(f"| trivial server, submit | {f0(t['throughput'])} | {f2(t['client_cores'])} |")
-    L.append(f"| gateway, submit path ({pct(ratio(g['throughput'], t['throughput']))} of it) | "
-             f"{f0(g['throughput'])} | {f2(g['client_cores'])} |")
-    L.append(f"| trivial server, whole job (submit + long-poll): the generator's ceiling | "
-             f"{f0(j['throughput'])} jobs/s | {f2(j['client_cores'])} |")
+    L.append(f"| trivial server, submit | {f0(t['throughput'])} requests | "
+             f"{f2(t['client_cores'])} |")
+    L.append(f"| gateway alone, submit path ({pct(ratio(g['throughput'], t['throughput']))} of "
+             f"the trivial server) | {f0(g['throughput'])} requests | {f2(g['client_cores'])} |")
+    L.append(f"| trivial server, whole job (submit + long-poll): the ceiling of any figure "
+             f"above, with this generator on the same cores | {f0(j['throughput'])} jobs | "
+             f"{f2(j['client_cores'])} |")
     L.append("")
+    L.append(f"The generator spent {f0(us)} µs of CPU per request in the last run.\n")
 
 
 def machine_section(results: dict[str, dict[str, Any]], L: list[str]) -> None:
@@ -330,7 +335,8 @@ def machine_section(results: dict[str, dict[str, Any]], L: list[str]) -> None:
     L.append("|---|" + "---|" * len(results))
     rows: list[tuple[str, Any]] = [
         ("command", lambda r: f"`python -m bench.run --{r['mode']}"
-         + (" --device cuda" if r["device"] == "cuda" else "") + "`"),
+         + (" --device cuda" if r["device"] == "cuda" else "")
+         + (f" --scale {r['scale']:g}" if r.get("scale", 1) != 1 else "") + "`"),
         ("started", lambda r: r["started"]),
         ("took", lambda r: f"{r['elapsed_s'] / 60:.1f} min"),
         ("CPU", lambda r: f"{r['machine']['cpu_model']}, {r['machine']['nproc']} cores"),

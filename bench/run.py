@@ -194,7 +194,7 @@ def phase_mlp(ctx: Ctx, venv: Path | None) -> dict[str, Any]:
                     point.setdefault(name, []).append(pt)
                     settled(srv)
             res["loads"].append(point)
-        res["stack_logs"] = str(ours.work_dir / "state" / "logs")
+        res["stack_logs"] = str((ours.work_dir / "state" / "logs").relative_to(REPO))
     finally:
         for b in bentos:
             b.stop()
@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                               "scale": a.scale, "profile": asdict(profile),
                               "machine": machine_info(venv),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                              "note": a.note, "notes": ctx.notes, "raw": str(out)}
+                              "note": a.note, "notes": ctx.notes,
+                              "raw": str(out.relative_to(REPO))}
     result["limit"] = phase_limit(ctx)
     if a.only in (None, "mlp"):
         result["mlp"] = phase_mlp(ctx, venv)

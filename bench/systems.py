@@ -297,7 +297,9 @@ def ensure_bento_venv(root: Path, log: Path) -> Path:
             if not py.exists():
                 run(sys.executable, "-m", "venv", str(venv))
             # A pinned torch resolves to the local CPU wheel; an unpinned one would pull CUDA.
-            run(str(py), "-m", "pip", "install", "-q", *pins)
+            # Fail fast where no package index answers (a lent GPU machine, say).
+            run(str(py), "-m", "pip", "install", "-q", "--retries", "1", "--timeout", "20",
+                *pins)
         except (OSError, subprocess.CalledProcessError) as exc:
             raise RuntimeError(f"cannot install {BENTOML_PIN} (see {log}): {exc}") from exc
     marker.write_text("\n".join(pins) + "\n")
