@@ -6,7 +6,8 @@
     asyncinfer get JOB_ID --wait 30
     asyncinfer cancel JOB_ID
     asyncinfer models
-    asyncinfer bench synthetic --rate 50 --duration 10
+    asyncinfer bench synthetic --rate 50 --duration 10      # open loop, Poisson arrivals
+    asyncinfer bench synthetic --concurrency 1 --duration 10 --protocol jobs-wait
 
 Results are JSON on stdout. A failure prints one line on stderr and exits 1 (an API or
 connection error) or 2 (bad usage or unreadable input). The gateway URL is --url, else
@@ -16,13 +17,14 @@ $ASYNCINFER_URL, else http://127.0.0.1:8000; the API key is $ASYNCINFER_API_KEY.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from asyncinfer.client import ApiError, Client, SubmitOptions
+from asyncinfer.loadgen.cli import add_arguments
 from shared.logs import configure_logging
 from shared.settings import Settings
 
@@ -103,24 +105,18 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from asyncinfer.loadgen import Bench
+    from asyncinfer.client import DEFAULT_URL
+    from asyncinfer.loadgen.cli import bodies_from, config_from
+    from asyncinfer.loadgen.drive import run_blocking
 
-    if args.rate <= 0 or args.duration <= 0:
-        raise UsageError("--rate and --duration must be positive")
-    payload = _read_input(args.input) if args.input else {"x": 1.0}
-    tty = sys.stderr.isatty()
-
-    def progress(line: str) -> None:
-        # On a terminal the line rewrites itself; in a log every update is its own line.
-        sys.stderr.write(f"\r{line}\033[K" if tty else f"{line}\n")
-        sys.stderr.flush()
-
-    bench = Bench(args.url, args.model, payload, rate=args.rate, duration_s=args.duration,
-                  timeout_s=args.timeout, progress=progress)
-    summary = asyncio.run(bench.run())
-    if tty:
-        sys.stderr.write("\n")
-    _print_json(summary)
+    url = args.url or os.environ.get("ASYNCINFER_URL") or DEFAULT_URL
+    try:
+        cfg = config_from(args, url, f"/v1/models/{args.model}/jobs")
+        body = bodies_from(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    cfg.label = cfg.label or f"bench {args.model}"
+    _print_json(run_blocking(cfg, body, progress=None if args.quiet else sys.stderr))
     return 0
 
 
@@ -187,14 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", parents=[remote], help="list the served models")
     p.set_defaults(func=_models)
 
-    p = sub.add_parser("bench", parents=[remote], help="open-loop load at a fixed rate")
+    p = sub.add_parser("bench", parents=[remote],
+                       help="load a model: open loop (--rate) or closed loop (--concurrency)")
     p.add_argument("model")
-    p.add_argument("--rate", type=float, required=True, help="jobs per second")
-    p.add_argument("--duration", type=float, required=True, metavar="S")
-    p.add_argument("--input", default=None, metavar="FILE",
-                   help="JSON input of every job, '-' for stdin (default: {\"x\": 1.0})")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                   help="give up on a job after S seconds")
+    add_arguments(p)
     p.set_defaults(func=_bench)
     return parser
 

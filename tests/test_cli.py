@@ -51,10 +51,11 @@ def test_commands_against_the_real_system(procs: Procs, settings: Settings, tmp_
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "409 conflict" in err
 
-    code, out, err = run(capsys, "bench", "synthetic", "--rate", "40", "--duration", "1")
+    code, out, err = run(capsys, "bench", "synthetic", "--rate", "40", "--duration", "1",
+                         "--arrivals", "fixed")
     summary = json.loads(out)
-    assert code == 0 and summary["sent"] == 40 and summary["outcomes"] == {"succeeded": 40}
-    assert summary["latency_ms"]["p50"] > 0 and "[bench]" in err
+    assert code == 0 and summary["arrived"] == 40 and summary["status_counts"] == {"succeeded": 40}
+    assert summary["latency_ms"]["p50"] > 0 and "[bench synthetic]" in err
 
 
 def test_console_script_prints_one_line_and_exits_1_or_2(tmp_path: Path) -> None:

@@ -18,11 +18,11 @@ import httpx
 import pytest
 import redis
 
+from asyncinfer.loadgen import SteadyLoad
 from shared import keys
 from shared.redisserver import RedisServer
 from shared.settings import Settings
 from tests.conftest import MODELS, Procs, wait_until, workers_ready
-from tests.loadgen import SteadyLoad
 from tests.test_chaos import _settle
 
 pytestmark = pytest.mark.slow
