@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.run import write_bodies
+from bench.drive import write_bodies
 from bench.systems import OursStack
 
 LIMIT_TIMEOUT_S = 150
@@ -52,9 +52,9 @@ def model_limit(work: Path, device: str) -> dict[str, Any]:
 def _loadgen(url: str, bodies: Path, work: Path, name: str, concurrency: int,
              seconds: float) -> dict[str, Any]:
     path = work / f"{name}.json"
-    subprocess.run([sys.executable, "-m", "bench.loadgen", "--url", url, "--path",
-                    "/v1/models/mlp/jobs", "--bodies", str(bodies), "--protocol", "jobs",
-                    "--mode", "closed", "--concurrency", str(concurrency), "--duration",
+    subprocess.run([sys.executable, "-m", "asyncinfer.loadgen", "--url", url, "--model", "mlp",
+                    "--bodies", str(bodies), "--protocol", "jobs",
+                    "--concurrency", str(concurrency), "--duration",
                     str(seconds), "--warmup", "2", "--quiet", "--out", str(path)],
                    check=True, timeout=seconds + 90)
     r: dict[str, Any] = json.loads(path.read_text())

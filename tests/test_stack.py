@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from asyncinfer.loadgen import SteadyLoad
 from shared.procs import free_port
 from tests.conftest import wait_until
-from tests.loadgen import SteadyLoad
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(sys.executable).parent / "asyncinfer"
