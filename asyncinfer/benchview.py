@@ -31,6 +31,7 @@ class BenchProgress:
     throughput_per_s: float  # jobs finished ok per second, over the last few seconds
     p50_ms: float | None  # latency of the jobs finished over the last few seconds
     p99_ms: float | None
+    label: str = ""
 
     @property
     def in_flight(self) -> int:
@@ -54,13 +55,15 @@ def progress_line(p: BenchProgress) -> str:
     frac = min(1.0, p.elapsed_s / p.duration_s) if p.duration_s > 0 else 1.0
     filled = int(frac * BAR_WIDTH)
     bar = "#" * filled + "." * (BAR_WIDTH - filled)
-    return (f"[{bar}] {p.elapsed_s:5.1f}/{p.duration_s:g}s  sent {p.sent}  ok {p.ok}  "
+    label = f"[{p.label}] " if p.label else ""
+    return (f"{label}[{bar}] {p.elapsed_s:5.1f}/{p.duration_s:g}s  sent {p.sent}  ok {p.ok}  "
             f"rejected {p.rejected}  failed {p.failed}  in flight {p.in_flight}  "
             f"{p.throughput_per_s:6.1f} jobs/s  p50 {_ms(p.p50_ms)}  p99 {_ms(p.p99_ms)}")
 
 
 class ProgressView:
-    """Draws progress on `out`: rewritten in place on a terminal, else a line now and then."""
+    """Draws progress on `out`: rewritten in place on a terminal, else a line now and then
+    (and always the final one)."""
 
     def __init__(self, out: TextIO = sys.stderr, tty: bool | None = None) -> None:
         self.out = out
@@ -68,11 +71,11 @@ class ProgressView:
         self._next_log_s = 0.0
         self._drawn = False
 
-    def __call__(self, p: BenchProgress) -> None:
+    def __call__(self, p: BenchProgress, final: bool = False) -> None:
         if self.tty:
             self.out.write(f"\r{progress_line(p)}\033[K")
             self._drawn = True
-        elif p.elapsed_s >= self._next_log_s:
+        elif final or p.elapsed_s >= self._next_log_s:
             self.out.write(progress_line(p) + "\n")
             self._next_log_s = p.elapsed_s + LOG_EVERY_S
         self.out.flush()
@@ -84,16 +87,26 @@ class ProgressView:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """The end-of-run table of a bench summary (as `loadgen.Bench.run` returns it)."""
+    """The end-of-run table of a load generator summary (`asyncinfer.loadgen.stats`)."""
+    cfg = summary.get("config") or {}
+    load = (f"{cfg.get('rate'):g} jobs/s ({cfg.get('arrivals')})" if cfg.get("mode") == "open"
+            else f"{cfg.get('concurrency')} clients")
     lat = summary.get("latency_ms") or {}
+    batch = (summary.get("batch_size") or {}).get("mean")
     rows: list[tuple[str, str]] = [
-        ("model", str(summary.get("model"))),
-        ("offered", f"{summary.get('offered_rate')} jobs/s for {summary.get('duration_s')} s"),
-        ("sent", str(summary.get("sent"))),
-        *((f"  {name}", str(n)) for name, n in sorted((summary.get("outcomes") or {}).items())),
-        ("throughput", f"{summary.get('throughput_per_s')} jobs/s (succeeded)"),
+        ("run", f"{cfg.get('label') or ''} {load}, {summary.get('window_s', 0):.1f} s measured"
+         .strip()),
+        ("arrived", f"{summary.get('arrived')} ({summary.get('offered_per_s', 0):.1f} jobs/s)"),
+        *((f"  {name}", str(n)) for name, n in sorted((summary.get("status_counts") or {})
+                                                      .items())),
+        ("throughput", f"{summary.get('throughput_per_s', 0):.1f} jobs/s succeeded"),
         *((f"latency {q}", _ms(lat.get(q))) for q in ("p50", "p90", "p99", "max")),
     ]
+    if batch is not None:
+        rows.append(("batch size", f"{batch:.1f} rows on average"))
+    if "goodput_per_s" in summary:
+        rows.append(("goodput", f"{summary['goodput_per_s']:.1f} jobs/s within "
+                                f"{summary.get('slo_ms'):g} ms"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

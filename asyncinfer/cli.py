@@ -6,7 +6,8 @@
     asyncinfer get JOB_ID --wait 30
     asyncinfer cancel JOB_ID
     asyncinfer models
-    asyncinfer bench synthetic --rate 50 --duration 10
+    asyncinfer bench synthetic --rate 50 --duration 10      # open loop, Poisson arrivals
+    asyncinfer bench synthetic --concurrency 1 --duration 10 --protocol jobs-wait
 
 Results are JSON on stdout. A failure prints one line on stderr and exits 1 (an API or
 connection error) or 2 (bad usage or unreadable input). The gateway URL is --url, else
@@ -16,13 +17,14 @@ $ASYNCINFER_URL, else http://127.0.0.1:8000; the API key is $ASYNCINFER_API_KEY.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from asyncinfer.client import ApiError, Client, SubmitOptions
+from asyncinfer.loadgen.cli import add_arguments
 from shared.logs import configure_logging
 from shared.settings import Settings
 
@@ -70,6 +72,8 @@ def _submit(args: argparse.Namespace) -> int:
         options["ttl_s"] = args.ttl
     if args.webhook:
         options["webhook"] = args.webhook
+    if args.deadline_ms is not None:
+        options["deadline_ms"] = args.deadline_ms
     if args.idempotency_key:
         options["idempotency_key"] = args.idempotency_key
     with _client(args) as client:
@@ -79,6 +83,11 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _get(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if args.follow:  # JSON lines: the job at each status change, until the final one
+            for event in client.events(args.job_id):
+                sys.stdout.write(json.dumps(event.job.public()) + "\n")
+                sys.stdout.flush()
+            return 0
         _print_json(client.get(args.job_id, wait=args.wait).public())
     return 0
 
@@ -96,27 +105,28 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from asyncinfer.benchview import ProgressView, plot, summary_table
-    from asyncinfer.loadgen import Bench
+    from asyncinfer.benchview import Sample, plot, summary_table
+    from asyncinfer.client import DEFAULT_URL
+    from asyncinfer.loadgen.cli import bodies_from, config_from
+    from asyncinfer.loadgen.drive import run_blocking
 
-    if args.rate <= 0 or args.duration <= 0:
-        raise UsageError("--rate and --duration must be positive")
-    payload = _read_input(args.input) if args.input else {"x": 1.0}
-    view = ProgressView(sys.stderr)
-    bench = Bench(args.url, args.model, payload, rate=args.rate, duration_s=args.duration,
-                  timeout_s=args.timeout, progress=view)
+    url = args.url or os.environ.get("ASYNCINFER_URL") or DEFAULT_URL
     try:
-        summary = asyncio.run(bench.run())
-    finally:
-        view.close()
-    sys.stderr.write(summary_table(summary) + "\n")
+        cfg = config_from(args, url, f"/v1/models/{args.model}/jobs")
+        body = bodies_from(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    cfg.label = cfg.label or f"bench {args.model}"
+    samples: list[Sample] = []
+    summary = run_blocking(cfg, body, progress=None if args.quiet else sys.stderr,
+                           samples=samples)
+    if not args.quiet:
+        sys.stderr.write(summary_table(summary) + "\n")
     if args.plot:
         try:
-            where = plot(bench.samples, Path(args.plot), f"asyncinfer bench {args.model} "
-                         f"at {args.rate:g} jobs/s")
+            where = plot(samples, Path(args.plot), f"asyncinfer {cfg.label}")
         except ImportError as exc:
             raise UsageError(f"--plot needs matplotlib ({exc})") from exc
-        sys.stderr.write(f"plot: {where}\n")
         summary["plot"] = str(where)
     _print_json(summary)
     return 0
@@ -164,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expire the job if still queued after S seconds")
     p.add_argument("--webhook", default=None, metavar="URL",
                    help="POST the final job here (signed)")
+    p.add_argument("--deadline-ms", type=int, default=None, metavar="MS",
+                   help="worth computing only if finished within MS ms (else 429 up front, or "
+                        "expired unrun)")
     p.add_argument("--idempotency-key", default=None, metavar="KEY")
     p.set_defaults(func=_submit)
 
@@ -171,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", metavar="ID")
     p.add_argument("--wait", type=float, default=None, metavar="S",
                    help="long-poll up to S seconds for the job to be final")
+    p.add_argument("--follow", action="store_true",
+                   help="print the job at each status change until it is final (SSE)")
     p.set_defaults(func=_get)
 
     p = sub.add_parser("cancel", parents=[remote], help="cancel a queued or running job")
@@ -180,16 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", parents=[remote], help="list the served models")
     p.set_defaults(func=_models)
 
-    p = sub.add_parser("bench", parents=[remote], help="open-loop load at a fixed rate")
+    p = sub.add_parser("bench", parents=[remote],
+                       help="load a model: open loop (--rate) or closed loop (--concurrency)")
     p.add_argument("model")
-    p.add_argument("--rate", type=float, required=True, help="jobs per second")
-    p.add_argument("--duration", type=float, required=True, metavar="S")
-    p.add_argument("--input", default=None, metavar="FILE",
-                   help="JSON input of every job, '-' for stdin (default: {\"x\": 1.0})")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                   help="give up on a job after S seconds")
+    add_arguments(p)
     p.add_argument("--plot", default=None, metavar="PNG",
-                   help="also draw latency and throughput over the run (needs matplotlib)")
+                   help="also draw each job's latency and the jobs done per second over the run "
+                        "(needs matplotlib)")
     p.set_defaults(func=_bench)
     return parser
 

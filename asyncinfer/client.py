@@ -18,7 +18,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypedDict, TypeVar, Unpack
 
@@ -29,6 +29,9 @@ from shared.jobs import FINAL_STATUSES, Job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})  # the server's "not now": queue full, Redis unreachable
+FINAL_EVENT_ID = 3  # an event stream's last event (the job's final status)
+FOLLOW_READ_S = 90.0  # an event stream may be quiet this long (the server sends keep-alives)
+FOLLOW_RECONNECTS = 1000  # a follow reconnects at most this often (each connection is capped)
 
 T = TypeVar("T")
 
@@ -73,7 +76,41 @@ class SubmitOptions(TypedDict, total=False):
     priority: Literal["high", "normal", "low"]
     ttl_s: float
     webhook: str
+    webhook_events: list[Literal["running", "final"]]
+    deadline_ms: int  # finish within this many ms of the submit, or it is not worth computing
     idempotency_key: str
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One status change of a job (`Client.events`): the status, its event id, the job."""
+
+    event: str
+    id: int
+    job: Job
+
+
+class SseParser:
+    """Server-Sent Events, line by line: `feed` returns a JobEvent at each blank line that ends
+    an event with data (comments and keep-alives yield nothing)."""
+
+    def __init__(self) -> None:
+        self._fields: dict[str, str] = {}
+
+    def feed(self, line: str) -> JobEvent | None:
+        line = line.rstrip("\r\n")
+        if line:
+            if not line.startswith(":"):
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                self._fields[name] = (self._fields.get(name, "") + "\n" + value
+                                      if name == "data" and name in self._fields else value)
+            return None
+        fields, self._fields = self._fields, {}
+        if "data" not in fields:
+            return None
+        return JobEvent(fields.get("event", "message"), int(fields.get("id") or 0),
+                        Job.model_validate_json(fields["data"]))
 
 
 @dataclass(frozen=True)
@@ -194,6 +231,14 @@ class _Core:
                                                    wait_s=wait_s or 0.0))
         return Job.model_validate(answer)
 
+    def events_request(self, job_id: str, last_id: int) -> httpx.Request:
+        """`GET /v1/jobs/{id}/events`, resuming after event `last_id`."""
+        headers = {"accept": "text/event-stream"}
+        if last_id:
+            headers["last-event-id"] = str(last_id)
+        return self.request("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                            wait_s=FOLLOW_READ_S)
+
     def cancel(self, job_id: str) -> _Call[Job]:
         answer = yield from self.call(self.request("DELETE", f"/v1/jobs/{job_id}"))
         return Job.model_validate(answer)
@@ -278,6 +323,29 @@ class Client(_Base[httpx.Client]):
         """Served models: schemas, batching and scaling config, live workers, queue depth."""
         return self._drive(self._core.models())
 
+    def events(self, job_id: str) -> Iterator[JobEvent]:
+        """The job's status changes as they happen (`queued`, `running`, then the final one),
+        reconnecting with `Last-Event-ID` when a connection ends before the final event."""
+        last = 0
+        for _ in range(FOLLOW_RECONNECTS):
+            request = self._core.events_request(job_id, last)
+            with _transport_errors(request), self._http.stream(
+                    request.method, request.url, headers=request.headers,
+                    timeout=httpx.Timeout(FOLLOW_READ_S, connect=self._core.timeout_s)
+                    ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error_of(response)
+                parser = SseParser()
+                for line in response.iter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        last = event.id
+                        yield event
+                        if last >= FINAL_EVENT_ID:
+                            return
+        raise ApiError(None, "timeout", f"events of job {job_id}: no final event")
+
     def close(self) -> None:
         if self._own_http:
             self._http.close()
@@ -331,6 +399,29 @@ class AsyncClient(_Base[httpx.AsyncClient]):
     async def models(self) -> list[ModelInfo]:
         """See `Client.models`."""
         return await self._drive(self._core.models())
+
+    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """The job's status changes as they happen; see `Client.events`."""
+        last = 0
+        for _ in range(FOLLOW_RECONNECTS):
+            request = self._core.events_request(job_id, last)
+            with _transport_errors(request):
+                async with self._http.stream(
+                        request.method, request.url, headers=request.headers,
+                        timeout=httpx.Timeout(FOLLOW_READ_S, connect=self._core.timeout_s)
+                        ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise _error_of(response)
+                    parser = SseParser()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is not None:
+                            last = event.id
+                            yield event
+                            if last >= FINAL_EVENT_ID:
+                                return
+        raise ApiError(None, "timeout", f"events of job {job_id}: no final event")
 
     async def aclose(self) -> None:
         if self._own_http:

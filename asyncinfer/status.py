@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +21,25 @@ class RoleRow:
     detail: str
 
 
-def role_rows(procs: Mapping[str, subprocess.Popen[bytes] | None],
-              details: Mapping[str, str]) -> list[RoleRow]:
-    """One row per role: its process id, whether it runs (or its exit code), where to look."""
+def role_rows(procs: Mapping[str, subprocess.Popen[bytes] | None], details: Mapping[str, str],
+              restarts: Mapping[str, int] | None = None,
+              starting: Collection[str] = ()) -> list[RoleRow]:
+    """One row per role: its process id, its state (`starting` until its supervisor counts it
+    up, `running`, `exited (code)`, `restarting` between two lives), how often it was
+    restarted, and where to look."""
     rows = []
     for role, proc in procs.items():
+        n = (restarts or {}).get(role, 0)
         if proc is None:
-            rows.append(RoleRow(role, None, "not started", details.get(role, "")))
-            continue
-        code = proc.poll()
-        state = "running" if code is None else f"exited ({code})"
-        rows.append(RoleRow(role, proc.pid, state, details.get(role, "")))
+            state = "restarting" if n else "not started"
+        else:
+            code = proc.poll()
+            state = ("starting" if role in starting else "running") if code is None \
+                else f"exited ({code})"
+        if n:
+            state += f", {n} restart{'s' if n > 1 else ''}"
+        rows.append(RoleRow(role, None if proc is None else proc.pid, state,
+                            details.get(role, "")))
     return rows
 
 

@@ -164,6 +164,14 @@ class Capacity:
                  if o.busy_until_s is not None and o.busy_until_s - self.lead_s > now]
         return min(times) if times else None
 
+    def free_in_s(self, now: float) -> float:
+        """Until a lane of a serving worker is expected free: 0 if one is free now."""
+        if self.free_lanes(now) > 0:
+            return 0.0
+        ends = [o.busy_until_s - now for w in self._workers.values() if w.serving
+                for o in w.outstanding.values() if o.busy_until_s is not None]
+        return max(0.0, min(ends)) if ends else 0.0
+
     def pick(self, now: float, *, alone: bool = False) -> str | None:
         """The worker for the next batch: most idle lanes first (spread the load; an idle lane
         starts at once), then the one that got a batch least recently. `alone`: only a worker

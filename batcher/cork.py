@@ -2,7 +2,8 @@
 
 `decide` applies these rules in order:
 
-1. Requests whose `expires_s` has passed come back as `Shed(reason="expired")`.
+1. Requests whose deadline has passed come back as `Shed(reason="deadline_exceeded")`, those
+   whose `expires_s` (ttl) has, as `Shed(reason="expired")`.
 2. With `on_overload="shed"` and a calibrated model, requests that cannot make their budget come
    back as `Shed(reason="overloaded")`, oldest first. The estimate plans the whole queue onto
    the slots in dispatch order: free slots start now, busy ones when their in-flight batch is
@@ -12,9 +13,11 @@
    of `a*rows + b` sees different sizes. A probe of k rows waits for its k rows when the arrival
    rate says they come within half the budget of its oldest request, so light traffic
    calibrates the fit too; a trickle is never held.
-5. Release at once when the queue holds `max_batch_size` rows, or when waiting any longer would
-   push the oldest request of the batch past `max_latency_ms` (counting the pessimistic duration
-   of the batch with one more arrival in it).
+5. Within a priority the queue is earliest due first (a request's deadline, else its arrival +
+   `max_latency_ms`), and a batch is cut short when a full one would make its most urgent request
+   miss its due time and a smaller one would not. Release at once when the queue holds
+   `max_batch_size` rows, or when waiting any longer would push the batch's earliest due time
+   (counting the pessimistic duration of the batch with one more arrival, and the overhead).
 6. Otherwise release unless waiting for the next arrival is expected to lower latency
    (`_waiting_pays`); when it is, `Wait(until_s)` names the earliest of the latency deadline,
    the instant the expected gain runs out, and the next shed or expiry. No polling.
@@ -70,12 +73,14 @@ class CorkPolicy:
         warmup_batches: int = 2,
         probe_rows: Iterable[int] = PROBE_ROWS,
         overrun_quantile: float = 1.0,
+        edf: bool = True,
     ) -> None:
         self._config = config
         self._clock = clock
         self._budget_s = config.max_latency_ms / 1000.0
         self._max_rows = max(1, config.max_batch_size)
-        self._queue = PendingQueue(config.aging_ms / 1000.0)
+        # edf=False orders a class by arrival alone (plain FIFO CORK, for comparison).
+        self._queue = PendingQueue(config.aging_ms / 1000.0, self._budget_s if edf else None)
         # Before any data: guess that a full batch takes half the budget, an eighth of it fixed.
         guess_b = self._budget_s / 8
         self._model = LatencyModel(
@@ -96,7 +101,9 @@ class CorkPolicy:
         self._calibrated = False
         self._waits_ms: deque[float] = deque(maxlen=50)
         self._warned = False
-        self._counts = {"batches": 0, "rows": 0, "overloaded": 0, "expired": 0}
+        self._counts = {"batches": 0, "rows": 0, "overloaded": 0, "expired": 0,
+                        "deadline_exceeded": 0}
+        self._pending_expired: list[Pending] = []  # ttl expiries behind a deadline Shed
         # (free slots, valid until): a plan that shed nothing holds until an event or that time.
         self._plan_cache: tuple[int, float] | None = None
 
@@ -145,9 +152,18 @@ class CorkPolicy:
         now = self._clock()
         expired = self._queue.pop_expired(now)
         if expired:
-            self._counts["expired"] += len(expired)
+            # Both kinds come back, each under its reason: a deadline passed, or a ttl.
+            late = [e for e in expired if e.deadline_s is not None and e.deadline_s <= now]
+            reason, batch = ("deadline_exceeded", late) if late else ("expired", expired)
+            if late:
+                self._pending_expired += [e for e in expired if e not in late]
+            self._counts[reason] += len(batch)
             self._plan_cache = None
-            return Shed(tuple(expired), "expired")
+            return Shed(tuple(batch), reason)
+        if self._pending_expired:
+            batch, self._pending_expired = self._pending_expired, []
+            self._counts["expired"] += len(batch)
+            return Shed(tuple(batch), "expired")
         if not self._queue:
             return Wait(None)
         wake = self._queue.next_expiry()
@@ -164,6 +180,8 @@ class CorkPolicy:
         probing = not self._calibrated and self._probes_released < len(self._probe_plan)
         cap = self._probe_plan[self._probes_released] if probing else self._max_rows
         batch = take_batch(self._queue.ordered(now), cap)
+        if not probing:
+            batch = self._meet_earliest_due(now, batch)
         rows = sum(e.rows for e in batch)
         if probing:
             # A probe of k rows waits for them when they are expected within half the budget
@@ -176,16 +194,38 @@ class CorkPolicy:
             return self._release(now, batch, "probe")
         if self._queue.rows >= self._max_rows:
             return self._release(now, batch, "full")
-        oldest = min(e.arrived_s for e in batch)
+        due = min(self._queue.due_s(e) for e in batch)
         one_more = min(self._max_rows, rows + math.ceil(self._arrivals.rows_per_arrival))
-        deadline = (oldest + self._budget_s - self._overhead.value_s
-                    - self._model.predict_high(one_more))
+        deadline = due - self._overhead.value_s - self._model.predict_high(one_more)
         if now >= deadline:
             return self._release(now, batch, "deadline")
         if not self._waiting_pays(now, free_slots, len(batch), rows):
             return self._release(now, batch, "no_gain")
         gain_ends = self._gain_ends(now, deadline, free_slots, len(batch), rows)
         return self._wait(now, _earliest(wake, min(deadline, gain_ends)))
+
+    def _meet_earliest_due(self, now: float, batch: list[Pending]) -> list[Pending]:
+        """Shrink the batch until its earliest due time can still be met, if any size can: a
+        smaller batch ends sooner, and the most urgent jobs are at its front."""
+        while len(batch) > 1:
+            due = min(self._queue.due_s(e) for e in batch)
+            rows = sum(e.rows for e in batch)
+            room = due - now - self._overhead.value_s
+            if now + self._overhead.value_s + self._model.predict_high(rows) <= due:
+                break
+            fit = self._rows_within(room)
+            if fit >= rows or fit < batch[0].rows:
+                break  # no smaller batch helps (or even the first job alone misses)
+            batch = take_batch(batch, fit)
+        return batch
+
+    def _rows_within(self, seconds: float) -> int:
+        """The most rows whose pessimistic predict fits in `seconds`."""
+        per_row = self._model.a_s * self._model.overrun
+        fixed = self._model.b_s * self._model.overrun
+        if seconds <= fixed or per_row <= 0:
+            return 0
+        return int((seconds - fixed) / per_row)
 
     def _release(self, now: float, batch: list[Pending], reason: str) -> Release:
         batch_id = self._new_id()
@@ -273,7 +313,7 @@ class CorkPolicy:
             # The batch holds its lane for its predict; its jobs see the overhead on top.
             lane_free = start + self._model.predict_high(sum(e.rows for e in batch))
             done = lane_free + overhead
-            missed = {e.entry_id for e in batch if done > e.arrived_s + self._budget_s}
+            missed = {e.entry_id for e in batch if done > self._queue.due_s(e)}
             if missed:
                 # Dropping the misses lets later requests move up into this batch: replan it.
                 late.extend(e for e in batch if e.entry_id in missed)
@@ -281,7 +321,7 @@ class CorkPolicy:
                 heapq.heappush(slots, (start, base))
                 continue
             for e in batch:
-                next_miss = min(next_miss, e.arrived_s + self._budget_s - (done - base))
+                next_miss = min(next_miss, self._queue.due_s(e) - (done - base))
             order = order[len(batch) :]
             heapq.heappush(slots, (lane_free, base))
         if not late:

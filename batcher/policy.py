@@ -31,6 +31,21 @@ class Pending:
     arrived_s: float = 0.0
     # Absolute time after which the job is useless (its ttl); None for no limit.
     expires_s: float | None = None
+    # Absolute time by which the job must have finished (its `deadline_ms`); None: the model's
+    # `max_latency_ms` after arrival is its due time, and nothing expires it early.
+    deadline_s: float | None = None
+
+    def due_s(self, budget_s: float) -> float:
+        """When the job should be finished: its deadline, else arrival + the model's budget."""
+        return self.deadline_s if self.deadline_s is not None else self.arrived_s + budget_s
+
+    @property
+    def drop_s(self) -> float | None:
+        """When the job becomes useless if it has not started: its ttl or its deadline."""
+        if self.deadline_s is None:
+            return self.expires_s
+        return self.deadline_s if self.expires_s is None else min(self.expires_s,
+                                                                  self.deadline_s)
 
 
 @dataclass(frozen=True)
@@ -143,18 +158,21 @@ def level_of(priority: Priority) -> int:
 
 
 class PendingQueue:
-    """Queued requests in dispatch order: by (aged) priority, then by arrival, then by insertion.
+    """Queued requests in dispatch order: by (aged) priority, then earliest due first (a job's
+    deadline, else its arrival + `budget_s`), then by insertion.
 
     With `aging_s` set, a request gains one priority level per `aging_s` spent queued, so after
     two aging periods a low request competes as high and nothing starves. With `aging_s=None`
-    priorities are ignored and the queue is plain FIFO (the baselines).
+    priorities are ignored; with `budget_s=None` deadlines are: by arrival, FIFO (the baselines,
+    and the FIFO variant of CORK). Without explicit deadlines EDF is FIFO within a class.
 
     Removal is lazy: removed or taken entries stay in their deque until they reach its head. An
     entry id removed and queued again is a new entry; its stale copy is recognised by identity.
     """
 
-    def __init__(self, aging_s: float | None) -> None:
+    def __init__(self, aging_s: float | None, budget_s: float | None = None) -> None:
         self._aging_s = aging_s
+        self._budget_s = budget_s
         self._lanes: tuple[deque[Pending], ...] = (deque(), deque(), deque())
         self._live: dict[str, Pending] = {}
         self._expiries: list[tuple[float, str]] = []
@@ -175,17 +193,22 @@ class PendingQueue:
         if item.entry_id in self._live:
             return False
         lane = self._lanes[level_of(item.priority) if self._aging_s is not None else 0]
-        # Redelivered entries can carry an older arrival time; keep each lane sorted by arrival
-        # so that the head of a lane is always its most urgent live entry.
+        # Keep each lane sorted by due time (redelivered entries carry an older arrival, tight
+        # deadlines overtake loose ones) so that the head of a lane is its most urgent entry.
+        due = self.due_s(item)
         pos = len(lane)
-        while pos > 0 and lane[pos - 1].arrived_s > item.arrived_s:
+        while pos > 0 and self.due_s(lane[pos - 1]) > due:
             pos -= 1
         lane.insert(pos, item)
         self._live[item.entry_id] = item
         self._rows += item.rows
-        if item.expires_s is not None:
-            heapq.heappush(self._expiries, (item.expires_s, item.entry_id))
+        if item.drop_s is not None:
+            heapq.heappush(self._expiries, (item.drop_s, item.entry_id))
         return True
+
+    def due_s(self, item: Pending) -> float:
+        """The ordering key within a priority class."""
+        return item.arrived_s if self._budget_s is None else item.due_s(self._budget_s)
 
     def remove(self, entry_ids: Iterable[str]) -> list[Pending]:
         """Forget the given entries; returns those that were queued."""
@@ -217,7 +240,7 @@ class PendingQueue:
                     cursors[i] += 1
                 if cursors[i] < len(lane):
                     head = lane[cursors[i]]
-                    key = (self.effective_level(head, now), head.arrived_s, i)
+                    key = (self.effective_level(head, now), self.due_s(head), i)
                     if best is None or key < best:
                         best = key
             if best is None:
@@ -227,22 +250,23 @@ class PendingQueue:
             cursors[lane_index] += 1
 
     def pop_expired(self, now: float) -> list[Pending]:
-        """Remove and return the entries whose `expires_s` is at or before `now`."""
+        """Remove and return the entries whose ttl or deadline (`drop_s`) is at or before
+        `now`."""
         expired: list[Pending] = []
         while self._expiries and self._expiries[0][0] <= now:
-            expires_s, entry_id = heapq.heappop(self._expiries)
+            drop_s, entry_id = heapq.heappop(self._expiries)
             item = self._live.get(entry_id)
-            if item is not None and item.expires_s == expires_s:
+            if item is not None and item.drop_s == drop_s:
                 expired.extend(self.remove([entry_id]))
         return expired
 
     def next_expiry(self) -> float | None:
-        """The earliest `expires_s` among queued entries, if any."""
+        """The earliest `drop_s` among queued entries, if any."""
         while self._expiries:
-            expires_s, entry_id = self._expiries[0]
+            drop_s, entry_id = self._expiries[0]
             item = self._live.get(entry_id)
-            if item is not None and item.expires_s == expires_s:
-                return expires_s
+            if item is not None and item.drop_s == drop_s:
+                return drop_s
             heapq.heappop(self._expiries)
         return None
 

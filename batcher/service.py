@@ -197,7 +197,8 @@ class ModelBatcher:
         return Pending(
             entry_id=e.key, job_id=e.job_id, rows=e.rows, priority=e.priority,
             arrived_s=mono_from_epoch_ms(e.submitted_ms, now, wall),
-            expires_s=mono_from_epoch_ms(e.expires_ms, now, wall) if e.expires_ms else None)
+            expires_s=mono_from_epoch_ms(e.expires_ms, now, wall) if e.expires_ms else None,
+            deadline_s=mono_from_epoch_ms(e.deadline_ms, now, wall) if e.deadline_ms else None)
 
     async def _cancels_once(self, cancels: aioredis.client.PubSub) -> None:
         """Drop canceled jobs from the read-ahead: they must never reach a batch."""
@@ -487,11 +488,7 @@ class ModelBatcher:
             return
         for e in entries:
             self.by_job.pop(e.job_id, None)
-        expired = decision.reason == "expired"
-        status = "expired" if expired else "failed"
-        err = ({"type": "expired", "message": "the job waited longer than its ttl_s"} if expired
-               else {"type": "overloaded", "message": "the model cannot serve this job within "
-                     f"max_latency_ms={self.spec.options.max_latency_ms}"})
+        status, err = shed_outcome(decision.reason, self.spec.options.max_latency_ms)
         await self.store.finish([Outcome(e.job_id, status, error=err) for e in entries],
                                 fence=self._fence())
         await self.streams.drop(entries)
@@ -510,9 +507,21 @@ class ModelBatcher:
             snap=self.policy.snapshot(), stats=self.stats, now=now, batcher=self.consumer,
             in_flight=len(self.flights), held=len(self.held), suspects=len(self.recovery),
             lanes=self.capacity.lanes, free_lanes=self.capacity.free_lanes(now),
-            workers=self.capacity.workers, lead_s=self.lead.value_s)
+            workers=self.capacity.workers, lead_s=self.lead.value_s,
+            lane_free_in_s=self.capacity.free_in_s(now))
         await self.redis.set(keys.batcher_state(self.model), json.dumps(state),
                              ex=keys.BATCHER_STATE_TTL_S)
+
+
+def shed_outcome(reason: str, max_latency_ms: float) -> tuple[str, dict[str, str]]:
+    """The final status and error of a job the batcher drops, by the policy's reason."""
+    if reason == "deadline_exceeded":
+        return "expired", {"type": "deadline_exceeded",
+                           "message": "the job's deadline passed before it could start"}
+    if reason == "expired":
+        return "expired", {"type": "expired", "message": "the job waited longer than its ttl_s"}
+    return "failed", {"type": "overloaded", "message": "the model cannot serve this job "
+                      f"within max_latency_ms={max_latency_ms:g}"}
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -47,6 +47,7 @@ class Arrival:
     rows: int = 1
     priority: Priority = "normal"
     ttl_s: float | None = None
+    deadline_s: float | None = None  # relative to t_s, like a submit's deadline_ms
 
 
 def make_trace(
@@ -90,6 +91,20 @@ def make_trace(
     return [Arrival(t, 1, rng.choices(levels, priorities)[0], ttl_s) for t in times]
 
 
+def deadline_burst(cost: CostModel, max_batch_size: int, *, backlog_s: float = 1.0,
+                   burst: int = 32, slack: float = 3.0, seed: int = 0) -> list[Arrival]:
+    """A backlog of loose jobs (no deadline: due at arrival + max_latency_ms) arriving at
+    twice the capacity of one worker for `backlog_s`, and, a third of the way in, a burst of
+    `burst` jobs whose deadline is `slack` times one full batch's time."""
+    rng = random.Random(seed)
+    rate = 2 * cost.capacity_rps(max_batch_size, 1)
+    loose = [Arrival(i / rate) for i in range(int(rate * backlog_s))]
+    tight_s = slack * (cost.a_s * max_batch_size + cost.b_s)
+    at = backlog_s / 3
+    tight = [Arrival(at + rng.uniform(0, 0.005), deadline_s=tight_s) for _ in range(burst)]
+    return sorted(loose + tight, key=lambda a: a.t_s)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Predict duration `a·rows + b` seconds, times a log-normal factor of relative spread
@@ -126,6 +141,7 @@ class SimResult:
     late_share: float
     shed_share: float
     expired_share: float
+    deadline_met_share: float  # of the requests with a deadline: finished within it
     decide_calls: int
     makespan_s: float
 
@@ -182,8 +198,9 @@ def simulate(
         elif t_arrival == now:
             arr = arrivals[index]
             expires = None if arr.ttl_s is None else arr.t_s + arr.ttl_s
+            deadline = None if arr.deadline_s is None else arr.t_s + arr.deadline_s
             key = f"r{index}"
-            policy.add(Pending(key, key, arr.rows, arr.priority, arr.t_s, expires))
+            policy.add(Pending(key, key, arr.rows, arr.priority, arr.t_s, expires, deadline))
             index += 1
         else:
             wake = None
@@ -240,6 +257,9 @@ def _measure(
     makespan = max([a.t_s for a in arrivals[-1:]] + list(finish_at.values()) + [1e-9])
     budget_s = config.max_latency_ms / 1000.0
     reasons = list(dropped.values())
+    with_deadline = [(i, a) for i, a in enumerate(arrivals) if a.deadline_s is not None]
+    met = sum(1 for i, a in with_deadline if f"r{i}" in finish_at
+              and finish_at[f"r{i}"] - a.t_s <= (a.deadline_s or 0.0))
     return SimResult(
         requests=len(arrivals),
         completed=len(latencies),
@@ -249,7 +269,8 @@ def _measure(
         p99_ms=1000.0 * _quantile(latencies, 0.99),
         late_share=sum(1 for x in latencies if x > budget_s) / total,
         shed_share=reasons.count("overloaded") / total,
-        expired_share=reasons.count("expired") / total,
+        expired_share=(reasons.count("expired") + reasons.count("deadline_exceeded")) / total,
+        deadline_met_share=met / len(with_deadline) if with_deadline else 1.0,
         decide_calls=calls,
         makespan_s=makespan,
     )

@@ -37,6 +37,7 @@ class Entry:
     rows: int
     submitted_ms: int
     expires_ms: int | None
+    deadline_ms: int | None = None  # the job's deadline (epoch ms), when it has one
     trace: str = ""  # the submit's traceparent when the job is traced (shared.tracing)
 
     @property
@@ -54,10 +55,10 @@ def make_entry(stream: str, priority: Priority, entry_id: str,
     """The entry from its stream fields; None for an entry deleted after delivery."""
     if not fields or "job" not in fields:  # deleted after delivery (job finished or canceled)
         return None
-    exp = fields.get("exp")
+    exp, dl = fields.get("exp"), fields.get("dl")
     return Entry(entry_id, stream, priority, fields["job"], int(fields.get("rows", 1)),
                  int(entry_id.split("-", 1)[0]), int(exp) if exp else None,
-                 fields.get(tracing.ENTRY_FIELD, ""))
+                 int(dl) if dl else None, fields.get(tracing.ENTRY_FIELD, ""))
 
 
 class ModelStreams:

@@ -1,4 +1,5 @@
-"""Benchmarks: asyncinfer against the model's own limit, the bare HTTP server and BentoML.
+"""Benchmarks: asyncinfer against the model's own limit and BentoML, at equal CPU.
 
-`python -m bench.run --quick|--full` regenerates docs/benchmarks.md and docs/img/bench-*.png.
+`python -m bench.run --quick|--full` regenerates docs/benchmarks.md, docs/img/bench-*.png and
+the raw JSON under docs/bench-data/. The load generator is asyncinfer.loadgen.
 """

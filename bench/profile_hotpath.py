@@ -32,8 +32,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from asyncinfer.loadgen import OK_STATUSES
 from bench.docs import REPO, RESULTS
-from bench.run import write_bodies
+from bench.drive import write_bodies
 from bench.systems import MODEL, GatewayOnly, OursStack, Server, cpu_delta, tree_cpu
 
 
@@ -106,10 +107,10 @@ def _pids(server: Server) -> dict[str, int]:
 
 def _loadgen(server: Server, bodies: Path, out: Path, protocol: str, mode: str,
              concurrency: int, rate: float, duration: float, env: dict[str, str]) -> Any:
-    cmd = [sys.executable, "-m", "bench.loadgen", "--url", server.url, "--path",
-           f"/v1/models/{MODEL}/jobs", "--bodies", str(bodies), "--protocol", protocol,
-           "--mode", mode, "--concurrency", str(concurrency), "--rate", str(rate),
-           "--duration", str(duration), "--warmup", "1", "--quiet", "--out", str(out)]
+    load = ["--concurrency", str(concurrency)] if mode == "closed" else ["--rate", str(rate)]
+    cmd = [sys.executable, "-m", "asyncinfer.loadgen", "--url", server.url, "--model", MODEL,
+           "--bodies", str(bodies), "--protocol", protocol, *load, "--duration", str(duration),
+           "--warmup", "1", "--quiet", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
     return json.loads(out.read_text())
 
@@ -210,8 +211,8 @@ def measure(part: str, code: Path, work: Path, duration: float, with_spy: bool) 
                 server.wait_idle(60)
             cpu = cpu_delta(cpu0, tree_cpu(server.roots()))
             stats = commandstats(url) - stats0
-            jobs = r["status_counts"].get("succeeded", 0) + sum(
-                v for k, v in r["status_counts"].items() if k.startswith("http_"))
+            jobs = sum(v for k, v in r["status_counts"].items()
+                       if k in OK_STATUSES or k.startswith("http_"))
             total_jobs = max(1, r["jobs_total"])
             result.update(
                 throughput=r["throughput_per_s"], statuses=r["status_counts"],
@@ -296,7 +297,7 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def write_docs(text: str) -> None:
-    from bench.report import PROFILE_END, PROFILE_START
+    from bench.reporttext import PROFILE_END, PROFILE_START
 
     path = REPO / "docs" / "benchmarks.md"
     block = f"{PROFILE_START}\n{text}\n{PROFILE_END}"

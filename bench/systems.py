@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -33,8 +34,13 @@ from shared.redisserver import RedisServer
 
 BENTO_DIR = REPO / "bench" / "bentoml_service"
 MODEL = "mlp"
+MLP_CLASS = "workers.builtin.mlp:MLPModel"
 MAX_BATCH_SIZE = 64
 MAX_LATENCY_MS = 250
+# The peer's version, pinned: its batching changes between releases (checked on PyPI
+# 2026-05, the newest release then). torch as the project pins it.
+BENTOML_PIN = "bentoml==1.4.40"
+TORCH_PIN = "torch==2.13.0"
 
 
 def _die_with_parent() -> None:
@@ -73,15 +79,26 @@ def wait_http(url: str, timeout_s: float, what: str, log: Path | None = None) ->
     raise RuntimeError(f"{what} did not come up at {url} within {timeout_s:.0f} s{hint}")
 
 
+def model_table(name: str, class_path: str, workers: int, **options: object) -> str:
+    """One `[models.NAME]` table with exactly `workers` workers from the start (no scale from
+    zero, no scaling during a run)."""
+    lines = [f"[models.{name}]", f'class = "{class_path}"']
+    lines += [f"{k} = {_toml(v)}" for k, v in options.items()]
+    lines += [f"min_workers = {workers}", f"max_workers = {workers}",
+              "scale_down_delay_s = 3600"]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)  # strings, numbers and booleans read the same in TOML
+
+
 def models_toml(workers: int) -> str:
-    """Only the mlp model, with exactly `workers` workers from the start (no scale from zero)."""
-    return (f"[models.{MODEL}]\n"
-            'class = "workers.builtin.mlp:MLPModel"\n'
-            f"max_batch_size = {MAX_BATCH_SIZE}\n"
-            f"max_latency_ms = {MAX_LATENCY_MS}\n"
-            f"min_workers = {workers}\n"
-            f"max_workers = {workers}\n"
-            "scale_down_delay_s = 3600\n")
+    """Only the mlp model, with `max_batch_size=64` and `max_latency_ms=250` like the peer's."""
+    return model_table(MODEL, MLP_CLASS, workers, max_batch_size=MAX_BATCH_SIZE,
+                       max_latency_ms=MAX_LATENCY_MS)
 
 
 @dataclass
@@ -190,55 +207,56 @@ class GatewayOnly(Server):
 @dataclass
 class OursStack(Server):
     """`asyncinfer up --no-flower --state-dir <tmp>`: Redis, gateway, batcher, autoscaler and
-    `workers` mlp workers on ASYNCINFER_DEVICES=`devices`."""
+    the workers of `models` (a models file; default: `workers` mlp workers) on
+    ASYNCINFER_DEVICES=`devices`."""
 
     name: str = "asyncinfer"
     devices: str = "cpu:1"
     workers: int = 1
+    models: str = ""
 
     def start(self) -> Self:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         models = self.work_dir / "models.toml"
-        models.write_text(models_toml(self.workers))
+        models.write_text(self.models or models_toml(self.workers))
         env = _stack_env("", self.port, models, self.devices, self.work_dir)
         del env["ASYNCINFER_REDIS_URL"]  # `up` starts its own private Redis without it
-        cli = Path(sys.executable).parent / "asyncinfer"
-        cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "asyncinfer.cli"]
-        self.proc = spawn([*cmd, "up", "--no-flower", "--state-dir",
+        self.proc = spawn(["-m", "asyncinfer.cli", "up", "--no-flower", "--state-dir",
                            str(self.work_dir / "state")], env, self.log, cwd=self.cwd,
                           unset=("ASYNCINFER_REDIS_URL",))
         if not wait_port("127.0.0.1", self.port, 90):
             raise RuntimeError(f"asyncinfer up did not start; see {self.log}")
-        self.wait_workers(120)
+        for name, table in tomllib.loads(models.read_text())["models"].items():
+            self.wait_workers(120, name, int(table.get("min_workers", 1)))
         return self
 
-    def model_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = http_json(f"{self.url}/v1/models/{MODEL}")
+    def model_info(self, model: str = MODEL) -> dict[str, Any]:
+        info: dict[str, Any] = http_json(f"{self.url}/v1/models/{model}")
         return info
 
-    def wait_workers(self, timeout_s: float) -> None:
+    def wait_workers(self, timeout_s: float, model: str = MODEL, workers: int = 1) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"asyncinfer up exited; see {self.log}")
             try:
-                info = self.model_info()
+                info = self.model_info(model)
                 ready = [w for w in info.get("workers", []) if w.get("state") in ("ready",
                                                                                   "busy")]
-                if len(ready) >= self.workers and info["batcher"].get("slots", 0) > 0:
+                if len(ready) >= workers and info["batcher"].get("slots", 0) > 0:
                     return
             except (urllib.error.URLError, OSError, KeyError, ValueError):
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"{self.workers} mlp worker(s) not ready in {timeout_s:.0f} s; "
+        raise RuntimeError(f"{workers} {model} worker(s) not ready in {timeout_s:.0f} s; "
                            f"see {self.work_dir / 'state' / 'logs'}")
 
-    def wait_idle(self, timeout_s: float) -> bool:
+    def wait_idle(self, timeout_s: float, model: str = MODEL) -> bool:
         """Until no job is queued or running (a run's stragglers must not leak into the next)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if int(self.model_info().get("queue_depth", 0)) == 0:
+                if int(self.model_info(model).get("queue_depth", 0)) == 0:
                     return True
             except (urllib.error.URLError, OSError, ValueError):
                 pass
@@ -259,25 +277,32 @@ def bento_venv(root: Path) -> Path:
 
 
 def ensure_bento_venv(root: Path, log: Path) -> Path:
-    """BentoML and torch in their own virtual environment (made once, then reused)."""
+    """BentoML (pinned) and torch in their own virtual environment, made once, then reused;
+    made again when the pin changes. Raises RuntimeError when they cannot be installed (no
+    package index reachable, say)."""
     venv = bento_venv(root)
     py = venv / "bin" / "python"
     marker = venv / ".complete"
-    if marker.exists() and py.exists():
+    pins = (TORCH_PIN, BENTOML_PIN)
+    if py.exists() and marker.exists() and marker.read_text().split() == list(pins):
         return venv
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"bench: installing BentoML into {venv} (once; log {log})", file=sys.stderr,
+    print(f"bench: installing {BENTOML_PIN} into {venv} (once; log {log})", file=sys.stderr,
           flush=True)
     with open(log, "ab") as out:
         def run(*args: str) -> None:
             subprocess.run(args, check=True, stdout=out, stderr=subprocess.STDOUT)
 
-        if not py.exists():
-            run(sys.executable, "-m", "venv", str(venv))
-        # A pinned torch resolves to the local CPU wheel; an unpinned one would pull CUDA.
-        run(str(py), "-m", "pip", "install", "-q", "torch==2.13.0")
-        run(str(py), "-m", "pip", "install", "-q", "bentoml")
-    marker.write_text("ok\n")
+        try:
+            if not py.exists():
+                run(sys.executable, "-m", "venv", str(venv))
+            # A pinned torch resolves to the local CPU wheel; an unpinned one would pull CUDA.
+            # Fail fast where no package index answers (a lent GPU machine, say).
+            run(str(py), "-m", "pip", "install", "-q", "--retries", "1", "--timeout", "20",
+                *pins)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise RuntimeError(f"cannot install {BENTOML_PIN} (see {log}): {exc}") from exc
+    marker.write_text("\n".join(pins) + "\n")
     return venv
 
 
@@ -288,7 +313,8 @@ class BentoServer(Server):
     workers: int = 1
     device: str = "cpu"
 
-    def start(self) -> Self:
+    def launch(self) -> Self:
+        """Start `bentoml serve` without waiting for it to be ready."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         env = {"PYTHONPATH": str(REPO), "BENTOML_DO_NOT_TRACK": "true",
                "BENTOML_HOME": str(self.work_dir / "bentoml-home"),
@@ -299,7 +325,14 @@ class BentoServer(Server):
         cmd = [str(self.venv / "bin" / "bentoml"), "serve", "service:MLPService",
                "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = spawn(cmd, env, self.log, cwd=BENTO_DIR)
-        wait_http(f"{self.url}/readyz", 180, "bentoml", self.log)
+        return self
+
+    def start(self) -> Self:
+        return self.launch().wait_ready()
+
+    def wait_ready(self) -> Self:
+        """Until it answers /readyz (after `launch`: several can start at once)."""
+        wait_http(f"{self.url}/readyz", 240, f"bentoml ({self.name})", self.log)
         return self
 
     def wait_recovered(self, body: bytes, timeout_s: float = 120.0) -> float:

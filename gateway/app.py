@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -13,16 +14,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic_core import to_json
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import events as sse
 from gateway import inputs
 from gateway.auth import ApiKeys
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import GatewayMiddleware, owner_of
 from gateway.openapi import document_routes
+from gateway.schedule import Schedule
 from gateway.views import model_info
 from gateway.waiters import CompletionWaiters
 from gateway.webhook_targets import TargetPolicy
@@ -47,6 +50,7 @@ class Deps:
     keys: ApiKeys
     metrics: GatewayMetrics
     targets: TargetPolicy
+    schedule: Schedule
 
 
 def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
@@ -69,7 +73,8 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
         waiters = CompletionWaiters(connect(settings, block_s=3600))
         waiters.start()
         metrics = GatewayMetrics(redis, specs)
-        app.state.deps = Deps(settings, specs, store, waiters, keys, metrics, targets)
+        app.state.deps = Deps(settings, specs, store, waiters, keys, metrics, targets,
+                              Schedule(redis, specs))
         log.info("gateway started models=%s auth=%s webhooks=%s fault_injection=%s",
                  ",".join(specs), keys.enabled, bool(settings.webhook_secret.strip()),
                  settings.fault_injection)
@@ -177,15 +182,28 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
                 max_queue_per_key=(o.max_queue_per_key or max(1, o.max_queue // 2))
                 if owner else 0,
                 idempotency_key=idem, request_hash=body_hash(raw) if idem else "",
-                traceparent=traceparent)
+                max_latency_ms=o.max_latency_ms,
+                max_ahead=await d.schedule.limits(model, jobs), traceparent=traceparent)
         except QueueFull as exc:
             raise await _queue_full(d, model, exc) from None
+        if done.unmeetable is not None:
+            index, position = done.unmeetable
+            raise await d.schedule.refuse(model, jobs[index], position)
         d.metrics.submitted(model, len(jobs), time.monotonic() - started)
         if done.replay:
             return d, await d.store.get_many(done.ids, owner), owner
         created = iso(done.created_ms) or ""
-        return d, [Job(id=i, model=model, status="queued", priority=env.priority,
-                       created_at=created, metrics=JobMetrics()) for i in done.ids], owner
+        positions: list[int | None] = (list(done.positions) if done.positions
+                                       else [None] * len(done.ids))
+        out = []
+        for job_id, job, ahead in zip(done.ids, jobs, positions, strict=True):
+            deadline: int | None = (None if job.deadline_ms is None
+                                    else done.created_ms + job.deadline_ms)
+            eta = None if ahead is None else await d.schedule.eta(model, ahead, job.rows)
+            out.append(Job(id=job_id, model=model, status="queued", priority=env.priority,
+                           created_at=created, deadline_at=iso(deadline), eta=eta,
+                           metrics=JobMetrics()))
+        return d, out, owner
 
     async def _queue_full(d: Deps, model: str, exc: QueueFull) -> QueueFull:
         """429 whose Retry-After is the time the backlog (the model's, or the API key's share
@@ -209,6 +227,7 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
         if wait_s > 0 and job.status not in FINAL_STATUSES:
             job = await d.waiters.wait(job.id, lambda: d.store.get(job.id, owner), wait_s,
                                        lambda f: JobStore.visible(job.id, f, owner))
+            job = await d.schedule.with_eta(d.store, job)
         return job_response(job, 200 if job.status in FINAL_STATUSES else 202, located=True)
 
     @app.post("/v1/models/{model}/jobs:batch", status_code=202, include_in_schema=False)
@@ -226,7 +245,7 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
                                        lambda f: JobStore.visible(job_id, f, owner))
         else:
             job = await d.store.get(job_id, owner)
-        return job_response(job, 200)
+        return job_response(await d.schedule.with_eta(d.store, job), 200)
 
     # The two routes every job takes are plain Starlette routes: FastAPI's per-request
     # parameter solving cost about 30 µs of the ~50 µs its routing took per request
@@ -234,6 +253,36 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
     # in the OpenAPI schema by hand (gateway/openapi.py).
     app.add_route("/v1/models/{model}/jobs", submit_one, methods=["POST"])
     app.add_route("/v1/jobs/{job_id}", get_job, methods=["GET"])
+
+    @app.get("/v1/jobs/{job_id}/events", operation_id="job_events",
+             response_class=StreamingResponse,
+             responses={200: {"description": "The job's status changes as Server-Sent Events "
+                              "(event: the status, data: the job, id: 1 queued, 2 running, "
+                              "3 final); closed after the final one, or after max_wait_s "
+                              "(reconnect with Last-Event-ID)",
+                              "content": {sse.MEDIA_TYPE: {"schema": {"type": "string"}}}}})
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        d = deps(request)
+        owner = owner_of(request)
+        after = sse.parse_last_event_id(request.headers.get("last-event-id"))
+        stream = await sse.open_events(d.store, d.waiters, job_id, owner, after,
+                                       lambda j: d.schedule.with_eta(d.store, j))
+
+        async def bounded() -> Any:
+            # One connection lives at most max_wait_s: the client reconnects with its
+            # Last-Event-ID (EventSource does by itself).
+            try:
+                async with asyncio.timeout(d.settings.max_wait_s):
+                    async for chunk in stream:
+                        yield chunk
+            except TimeoutError:
+                return
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        return StreamingResponse(bounded(), media_type=sse.MEDIA_TYPE,
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
 
     @app.delete("/v1/jobs/{job_id}", operation_id="cancel_job")
     async def cancel_job(job_id: str, request: Request) -> Response:

@@ -30,6 +30,10 @@ class Envelope(BaseModel):
     priority: Literal["high", "normal", "low"] = "normal"
     ttl_s: float | None = Field(None, gt=0, le=MAX_TTL_S)
     webhook: str | None = Field(None, pattern=r"^https?://", max_length=2048)
+    # Worth computing only if finished within this many ms of the submit.
+    deadline_ms: int | None = Field(None, gt=0, le=int(MAX_TTL_S * 1000))
+    webhook_events: list[Literal["running", "final"]] | None = Field(None, min_length=1,
+                                                                     max_length=2)
 
 
 class SubmitBody(Envelope):
@@ -166,8 +170,10 @@ def public_schema(schema: dict[str, Any], cls: type[BaseModel], faults: bool) ->
 
 def new_jobs(spec: ModelSpec, inputs: list[tuple[tuple[Any, ...], Any]],
              env: Envelope, faults: bool = False) -> list[NewJob]:
+    events = tuple(dict.fromkeys(env.webhook_events or ["final"]))
     return [NewJob(validate_input(spec, value, where, faults), priority=env.priority,
-                   ttl_s=env.ttl_s, webhook=env.webhook) for where, value in inputs]
+                   ttl_s=env.ttl_s, webhook=env.webhook, deadline_ms=env.deadline_ms,
+                   webhook_events=events) for where, value in inputs]
 
 
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)")

@@ -23,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from gateway.system_metrics import SystemCollector, read_snapshots
+from gateway.system_metrics import SystemCollector, read_snapshot
 from shared import keys
 from shared.modelspec import ModelSpec
 
@@ -71,8 +71,8 @@ class GatewayMetrics:
         self.exporter.set(1 if system else 0)
         text = generate_latest(self.registry)
         if system:
-            snapshots = await read_snapshots(self.redis, list(self.specs))
-            text += generate_latest(SystemCollector(snapshots))
+            snapshot = await read_snapshot(self.redis, list(self.specs))
+            text += generate_latest(SystemCollector(snapshot))
         return text
 
     async def release(self) -> None:

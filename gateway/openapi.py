@@ -32,7 +32,8 @@ _WHY = {
     "409": "already final (cancel), or an Idempotency-Key reused with another body",
     "413": "body over max_body_bytes",
     "422": "invalid input; `field` names the first bad field",
-    "429": "backlog of the model, or of this API key, at its limit; see Retry-After",
+    "429": "backlog of the model, or of this API key, at its limit, or the job's deadline_ms "
+           "cannot be met (`deadline_unmeetable`); see Retry-After",
     "503": "Redis unreachable",
 }
 
@@ -58,6 +59,12 @@ def _responses(ok: dict[str, dict[str, Any]], *errors: str) -> dict[str, Any]:
 
 
 _JOB_ID = _param("job_id", "path", {"type": "string"}, "job id", required=True)
+# One Server-Sent Event of a job's stream: `data` is the job JSON.
+_SSE_EVENT = {"type": "object", "required": ["event", "data", "id"], "properties": {
+    "event": {"type": "string", "enum": ["queued", "running", "succeeded", "failed",
+                                         "canceled", "expired"]},
+    "id": {"type": "string", "enum": ["1", "2", "3"]},
+    "data": {"type": "string", "contentMediaType": "application/json"}}}
 # No link to the cancel: DELETE cancels and the job stays readable (status `canceled`), which a
 # stateful tester following the link would take for a deleted resource still being served.
 _LINKS = {"GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/id"}}}
@@ -151,6 +158,16 @@ def document_routes(app: FastAPI, specs: dict[str, ModelSpec], settings: Setting
                        "parameters": [_JOB_ID],
                        "responses": _responses({"200": _json("the job, now canceled", _JOB)},
                                                auth, "404", "409", "503")}}
+        paths["/v1/jobs/{job_id}/events"]["get"].update({
+            "summary": "Follow a job's status changes (Server-Sent Events)",
+            "parameters": [_JOB_ID, _param(
+                "Last-Event-ID", "header", {"type": "string"},
+                "resume after this event id (1 queued, 2 running, 3 final)")],
+            "responses": _responses({"200": {
+                "description": "one event per status change, closed after the final one (or "
+                               "after max_wait_s: reconnect with Last-Event-ID)",
+                "content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
+                auth, "404", "503")})
         any_object = {"type": "object"}
         paths["/v1/models"]["get"]["responses"] = _responses(
             {"200": _json("served models", any_object)}, auth, "503")

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from shared import keys
 from shared.heartbeats import live_workers
 from shared.histograms import END_TO_END, RUN, read_buckets
+from shared.launchstate import model_launchers, role_restarts
 
 WORKER_STATES = ("starting", "ready", "busy", "draining")
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -92,9 +93,18 @@ class ModelSnapshot:
     batcher: dict[str, Any] = field(default_factory=dict)
     decision: dict[str, Any] = field(default_factory=dict)
     latencies: dict[str, str] = field(default_factory=dict)
+    launchers: list[dict[str, Any]] = field(default_factory=list)  # live autoscalers' states
 
 
-async def read_snapshots(redis: aioredis.Redis, models: Sequence[str]) -> list[ModelSnapshot]:
+@dataclass
+class Snapshot:
+    """The whole system at one scrape."""
+
+    models: list[ModelSnapshot]
+    role_restarts: dict[str, int] = field(default_factory=dict)  # of `asyncinfer up`'s roles
+
+
+async def read_snapshot(redis: aioredis.Redis, models: Sequence[str]) -> Snapshot:
     out: list[ModelSnapshot] = []
     for model in models:
         pipe = redis.pipeline(transaction=False)
@@ -111,8 +121,9 @@ async def read_snapshots(redis: aioredis.Redis, models: Sequence[str]) -> list[M
         out.append(ModelSnapshot(
             model, sum(lens), {s: int(n) for s, n in stats.items()}, by_state,
             json.loads(state_raw) if state_raw else {},
-            json.loads(decision_raw) if decision_raw else {}, latencies))
-    return out
+            json.loads(decision_raw) if decision_raw else {}, latencies,
+            await model_launchers(redis, model)))
+    return Snapshot(out, await role_restarts(redis))
 
 
 def _number(value: Any) -> float | None:
@@ -123,14 +134,32 @@ def _number(value: Any) -> float | None:
 class SystemCollector(Collector):
     """prometheus_client collector over snapshots taken just before."""
 
-    def __init__(self, snapshots: Sequence[ModelSnapshot]) -> None:
-        self.snapshots = snapshots
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.snapshots = snapshot.models
 
     def collect(self) -> Iterator[Metric]:
         yield from self._jobs()
         yield from self._batcher()
         yield from self._autoscaler()
         yield from self._histograms()
+        yield from self._supervision()
+
+    def _supervision(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily("asyncinfer_worker_restarts", "Workers that exited "
+                                       "unasked and were started again (summed over the "
+                                       "autoscalers alive now)", labels=["model"])
+        failed = GaugeMetricFamily("asyncinfer_launch_failed_autoscalers", "Autoscalers that "
+                                   "gave up starting the model's workers (they keep dying "
+                                   "before serving)", labels=["model"])
+        for s in self.snapshots:
+            restarts.add_metric([s.model], sum(int(e.get("restarts", 0)) for e in s.launchers))
+            failed.add_metric([s.model], sum(1 for e in s.launchers if e.get("state") == "failed"))
+        roles = CounterMetricFamily("asyncinfer_role_restarts", "Restarts of the processes "
+                                    "`asyncinfer up` supervises", labels=["role"])
+        for role, n in sorted(self.snapshot.role_restarts.items()):
+            roles.add_metric([role], n)
+        yield from (restarts, failed, roles)
 
     def _jobs(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("asyncinfer_queue_jobs", "Jobs queued or running (entries in "

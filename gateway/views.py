@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from gateway.inputs import public_schema
 from shared import keys
 from shared.heartbeats import live_workers
+from shared.launchstate import model_launchers
 from shared.modelspec import ModelSpec
 
 
@@ -24,6 +25,7 @@ async def model_info(redis: aioredis.Redis, spec: ModelSpec,
     pipe.lrange(keys.scale_history(spec.name), 0, 9)
     *lens, state_raw, history = await pipe.execute()
     workers = await live_workers(redis, spec.name)
+    launchers = await model_launchers(redis, spec.name)
     state: dict[str, Any] = json.loads(state_raw) if state_raw else {}
     o = spec.options
     return {
@@ -37,8 +39,12 @@ async def model_info(redis: aioredis.Redis, spec: ModelSpec,
                      "max_queue_per_key": o.max_queue_per_key},
         "scaling": {"concurrency_target": o.concurrency_target, "min_workers": o.min_workers,
                     "max_workers": o.max_workers, "scale_down_delay_s": o.scale_down_delay_s},
-        "workers": [{k: w.get(k) for k in ("name", "index", "device", "state", "lanes", "busy")}
+        "workers": [{k: w.get(k) for k in ("name", "index", "device", "device_uuid", "host",
+                                           "state", "lanes", "busy")}
                     for w in workers],
+        # Each autoscaler's launcher: "ok", "backoff" (its workers crash; restarting with
+        # backoff) or "failed" (given up after repeated start failures), with the last error.
+        "launcher": sorted(launchers, key=lambda e: str(e.get("autoscaler"))),
         "queue_depth": int(sum(lens)),
         "a": state.get("a_s"),
         "b": state.get("b_s"),

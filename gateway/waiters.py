@@ -51,6 +51,9 @@ class CompletionWaiters:
         self._epoch = 0
         self._live = False
         self._fresh: dict[str, _Fresh] = {}  # insertion order is age order
+        # Event streams (SSE) following a job: "running", "final", or "check" (a message may
+        # have been missed while the subscription was down).
+        self._listeners: dict[str, set[asyncio.Queue[str]]] = defaultdict(set)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="completion-listener")
@@ -70,7 +73,7 @@ class CompletionWaiters:
         while not self._stopping:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(keys.FINAL_CHANNEL)
+                await pubsub.subscribe(keys.FINAL_CHANNEL, keys.RUNNING_CHANNEL)
                 backoff_s = 0.1
                 while not self._stopping:
                     message = await pubsub.get_message(timeout=1.0)
@@ -83,12 +86,17 @@ class CompletionWaiters:
                         # Anything that finished while we were not subscribed: let waiters
                         # re-check.
                         self._wake_all()
+                        self._tell_all("check")
+                    elif message.get("type") == "message" and (
+                            str(message.get("channel")) == keys.RUNNING_CHANNEL):
+                        self._tell(str(message["data"]), "running")
                     elif message.get("type") == "message":
                         job_id, _, record = str(message["data"]).partition("\n")
                         fresh = self._fresh.get(job_id)
                         if fresh is not None:
                             fresh.record = record
                         self._wake(job_id, record)
+                        self._tell(job_id, "final")
             except (RedisError, OSError) as exc:
                 log.warning("completion listener reconnecting error=%s", exc)
                 await asyncio.sleep(backoff_s)
@@ -120,6 +128,27 @@ class CompletionWaiters:
         for fut in futures:
             if not fut.done():
                 fut.set_result(fields)
+
+    def listen(self, job_id: str) -> asyncio.Queue[str]:
+        """Follow a job's status changes (until `unlisten`)."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._listeners[job_id].add(queue)
+        return queue
+
+    def unlisten(self, job_id: str, queue: asyncio.Queue[str]) -> None:
+        listeners = self._listeners.get(job_id)
+        if listeners is not None:
+            listeners.discard(queue)
+            if not listeners:
+                del self._listeners[job_id]
+
+    def _tell(self, job_id: str, event: str) -> None:
+        for queue in self._listeners.get(job_id, ()):
+            queue.put_nowait(event)
+
+    def _tell_all(self, event: str) -> None:
+        for job_id in list(self._listeners):
+            self._tell(job_id, event)
 
     def _wake_all(self) -> None:
         for job_id in list(self._waiting):

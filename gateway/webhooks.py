@@ -90,6 +90,14 @@ def verify_signature(secret: str, headers: dict[str, str], body: bytes | str,
     return any(hmac.compare_digest(expected, g) for g in given)
 
 
+def delivery_of(fields: dict[str, str]) -> str:
+    """What a webhook stream entry asks for: the job id for its final state, `id#running` for
+    its start (`webhook_events`). State and locks are per delivery."""
+    event = fields.get("event", "final")
+    job = fields.get("job", "")
+    return job if event == "final" else f"{job}#{event}"
+
+
 class WebhookDeliverer:
     """Delivers the webhooks stream in one gateway process: `start()`, later `await stop()`."""
 
@@ -171,7 +179,7 @@ class WebhookDeliverer:
             batches = reply.values() if isinstance(reply, dict) else [e for _, e in reply or []]
             for entries in batches:
                 for entry_id, fields in entries:
-                    self._hold(entry_id, (fields or {}).get("job", ""), 0.0)
+                    self._hold(entry_id, delivery_of(fields or {}), 0.0)
 
     async def _schedule_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -214,10 +222,10 @@ class WebhookDeliverer:
             claimed = [(i, f) for i, f in reply[1] if f]  # f is None for a deleted entry
             pipe = self.redis.pipeline(transaction=False)
             for _, fields in claimed:
-                pipe.hget(keys.webhook_delivery(fields.get("job", "")), "next_ms")
+                pipe.hget(keys.webhook_delivery(delivery_of(fields)), "next_ms")
             for (entry_id, fields), next_ms in zip(claimed, await pipe.execute(), strict=True):
                 # The schedule lives in Redis: a reclaimed entry waits out its current delay.
-                self._hold(entry_id, fields.get("job", ""),
+                self._hold(entry_id, delivery_of(fields),
                            max(0.0, (int(next_ms or 0) - now_ms()) / 1000))
             if claimed:
                 log.info("webhook entries reclaimed consumer=%s count=%d", self.consumer,
@@ -258,8 +266,10 @@ class WebhookDeliverer:
         finally:
             await self.redis.delete(lock)
 
-    async def _post(self, entry_id: str, job_id: str) -> float | None:
-        state = keys.webhook_delivery(job_id)
+    async def _post(self, entry_id: str, delivery: str) -> float | None:
+        job_id, _, event = delivery.partition("#")
+        event = event or "final"
+        state = keys.webhook_delivery(delivery)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.job(job_id))
         pipe.hget(state, "done")
@@ -270,7 +280,10 @@ class WebhookDeliverer:
         if done:
             return None
         url, cap = fields.get("webhook"), self.s.webhook_max_attempts
-        gone = not url or fields.get("status") not in FINAL_STATUSES  # expired record
+        # A final event needs a final record; a running one, a started job (expired: gone).
+        status = fields.get("status")
+        gone = not url or (status not in FINAL_STATUSES and not (
+            event == "running" and status == "running"))
         if gone or attempts > cap:  # > cap: a holder that died used up the attempts
             log.warning("webhook gave up job=%s attempts=%d reason=%s", job_id, attempts - 1,
                         "job_gone" if gone else "attempts_exhausted")
@@ -279,10 +292,13 @@ class WebhookDeliverer:
             log.warning("webhook gave up job=%s reason=no_secret", job_id)
             return None
         body = json.dumps(from_hash(fields).public(), separators=(",", ":")).encode()
-        # webhook-id stays the same across retries: receivers deduplicate on it.
+        # webhook-id stays the same across retries: receivers deduplicate on it. A "running"
+        # event carries the job as it is when delivered (it may have finished meanwhile).
+        msg_id = f"msg_{job_id}" if event == "final" else f"msg_{job_id}_{event}"
         headers = {"content-type": "application/json",
-                   **signed_headers(self.s.webhook_secret, f"msg_{job_id}", body),
-                   "x-asyncinfer-job": job_id, "x-asyncinfer-attempt": str(attempts)}
+                   **signed_headers(self.s.webhook_secret, msg_id, body),
+                   "x-asyncinfer-job": job_id, "x-asyncinfer-event": event,
+                   "x-asyncinfer-attempt": str(attempts)}
         started, retry_after = time.monotonic(), "0"
         try:  # the whole attempt is bounded (not each phase), so the lock outlives it
             async with asyncio.timeout(self.s.webhook_timeout_s), self.http.stream(

@@ -14,7 +14,6 @@ keeps its basic auth here.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asyncinfer.loadgen import Bench
+from asyncinfer.loadgen import Config, run_blocking
 from shared.flower import flower_command
 from shared.procs import free_port, spawn, terminate, wait_port
 from shared.redisserver import RedisServer
@@ -104,10 +103,10 @@ def main() -> int:
 
             wait_for(online, 120, "Flower to see the workers online")
             log.info("load starting rate=%s duration_s=%s", args.rate, args.duration)
-            bench = Bench(gateway, "synthetic", {"x": 1.0}, rate=args.rate,
-                          duration_s=args.duration)
-            summary = asyncio.run(bench.run())
-            log.info("load done outcomes=%s", summary["outcomes"])
+            cfg = Config(url=gateway, path="/v1/models/synthetic/jobs", arrivals="fixed",
+                         rate=args.rate, duration_s=args.duration, warmup_s=0)
+            summary = run_blocking(cfg, lambda i: b'{"input": {"x": 1.0}}')
+            log.info("load done outcomes=%s", summary["status_counts"])
             authed = flower.replace("http://", f"http://{USER}:{PASSWORD}@")
             screenshot(browser, f"{authed}/", args.out / "flower-workers.png", tmp / "profile")
             screenshot(browser, f"{authed}/tasks", args.out / "flower-tasks.png", tmp / "profile")

@@ -25,7 +25,11 @@ def task_message(app: Celery, task: str, queue: str, args: Sequence[Any],
     """(task id, the JSON string to LPUSH onto `queue`) for one call of `task`; `headers` are
     added to Celery's (the worker reads them on `task.request`, e.g. a trace context)."""
     task_id = str(uuid.uuid4())
-    msg = app.amqp.as_task_v2(task_id, task, args=list(args), kwargs=dict(kwargs or {}))
+    # argsrepr/kwargsrepr given, lists summarised: Celery would otherwise saferepr() the job ids
+    # of every batch (Flower shows these strings; a count says enough).
+    shown = ", ".join(f"<{len(a)} items>" if isinstance(a, list) else repr(a) for a in args)
+    msg = app.amqp.as_task_v2(task_id, task, args=list(args), kwargs=dict(kwargs or {}),
+                              argsrepr=f"[{shown}]", kwargsrepr="{...}")
     if headers:
         msg.headers.update(headers)
     content_type, encoding, body = dumps(msg.body, serializer="json")  # type: ignore[no-untyped-call]

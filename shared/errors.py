@@ -60,6 +60,12 @@ class QueueFull(AsyncInferError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class DeadlineUnmeetable(QueueFull):
+    """The job cannot finish by its `deadline_ms` given the queue ahead of it: not accepted."""
+
+    status, type = 429, "deadline_unmeetable"
+
+
 class Unavailable(AsyncInferError):
     status, type = 503, "unavailable"
 

@@ -30,13 +30,23 @@ State = Literal["starting", "ready", "busy", "draining"]
 SERVING_STATES = ("ready", "busy")
 
 
+def worker_name(model: str, index: int, device_slug: str, host: str) -> str:
+    """`{model}-{index}-{device}@{host}`, e.g. `mlp-1-cuda3@gpu-box`: unique across hosts (the
+    host), across models and indexes, and across two autoscalers on one host (each owns its
+    own devices). Celery's node name and the key of the worker's heartbeat."""
+    return f"{model}-{index}-{device_slug}@{host}"
+
+
 @dataclass
 class Heartbeat:
-    name: str
+    name: str  # this process's identity: `base` and a token new at every start
     model: str
     index: int
-    device: str
+    device: str  # the host's device label: cpu:1, cuda:3, cuda:0:mig1
     lanes: int  # predicts that run at once (predict_concurrency)
+    device_uuid: str = ""  # GPU-... or MIG-... on a GPU
+    torch_uuid: str = ""  # the UUID torch reports for cuda:0 inside the worker (a GPU check)
+    base: str = ""  # the stable name its launcher knows it by (`worker_name`)
     state: State = "starting"
     busy: int = 0  # batches it holds
     batches: list[str] = field(default_factory=list)  # those whose predict is not over

@@ -25,6 +25,14 @@ class JobMetrics(BaseModel):
     attempts: int = 0
 
 
+class JobEta(BaseModel):
+    """While a job is queued: rows ahead of it, and its predicted start and finish."""
+
+    position: int
+    start_at: str
+    finish_at: str
+
+
 class JobError(BaseModel):
     type: str
     message: str
@@ -41,9 +49,13 @@ class Job(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     expires_at: str | None = None
+    deadline_at: str | None = None
     output: Any = None
     error: JobError | None = None
+    eta: JobEta | None = None
     metrics: JobMetrics = Field(default_factory=JobMetrics)
+    # Its order in the queue (epoch ms: deadline, else submit + max_latency_ms); not shown.
+    due_ms: int | None = Field(None, exclude=True)
 
     def public(self) -> dict[str, Any]:
         """JSON body: `output` only once succeeded, `error` only once failed."""
@@ -102,6 +114,8 @@ def from_hash(fields: dict[str, str], now: int | None = None) -> Job:
         started_at=iso(fields.get("started_ms")),
         finished_at=iso(fields.get("finished_ms")),
         expires_at=iso(expires_ms),
+        deadline_at=iso(fields.get("deadline_ms")),
+        due_ms=int(fields["due_ms"]) if fields.get("due_ms") else None,
         output=json.loads(fields["output"]) if fields.get("output") else None,
         error=JobError(**error) if error else None,
         metrics=JobMetrics(

@@ -45,6 +45,11 @@ def cancel_channel(model: str) -> str:
     return f"{CANCEL_CHANNEL_PREFIX}{model}"
 
 
+# Pub/sub channel carrying the id of every watched job (an SSE client follows it, or its webhook
+# wants "running") when a worker starts it.
+RUNNING_CHANNEL = f"{PREFIX}:ev:running"
+
+
 # Caps on auxiliary streams; approximate trimming keeps them bounded without a sweeper.
 COMPLETIONS_MAXLEN = 10_000
 DEAD_LETTER_MAXLEN = 10_000
@@ -78,6 +83,19 @@ def stream(model: str, priority: PriorityName) -> str:
 def streams(model: str) -> list[str]:
     """The model's request streams, in PRIORITIES order."""
     return [stream(model, p) for p in PRIORITIES]
+
+
+def due(model: str, priority: PriorityName) -> str:
+    """Sorted set of the model's queued jobs of one priority, scored by due time (epoch ms: the
+    job's deadline, else its submit + max_latency_ms): the batcher's order within the class,
+    from which a job's position, ETA and the admission of a deadline are computed. A job leaves
+    it when a worker starts it or it ends."""
+    return f"{PREFIX}:due:{model}:{priority}"
+
+
+def dues(model: str) -> list[str]:
+    """The model's due sets, in PRIORITIES order."""
+    return [due(model, p) for p in PRIORITIES]
 
 
 def completions(model: str) -> str:
@@ -192,6 +210,38 @@ def kombu_queue_keys(queue: str) -> list[str]:
     """Every Redis key kombu keeps for one queue."""
     return [queue, *(f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS),
             f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+
+
+# Worker claims (see workers.claims): a claim lives this long unless its autoscaler refreshes it,
+# so the claims of a dead autoscaler free their slots within it.
+CLAIM_TTL_S = 10
+# Launcher and supervisor states outlive their writer by this much (they are rewritten every
+# autoscaler pass / supervisor change).
+LAUNCH_STATE_TTL_S = 10
+
+
+def worker_claims(model: str) -> str:
+    """Hash worker name -> expiry (ms) of the model's workers that autoscalers started or are
+    starting, on every host: the shared count that keeps them all within the desired number."""
+    return f"{PREFIX}:claims:{model}"
+
+
+def launch_state(model: str) -> str:
+    """Hash autoscaler id -> JSON of its launcher's state for the model (ok, backoff, failed;
+    restarts, last exit), each with its own expiry."""
+    return f"{PREFIX}:launch:{model}"
+
+
+def autoscalers() -> str:
+    """Hash autoscaler id -> JSON heartbeat (host, devices, pid, expiry) of live autoscalers."""
+    return f"{PREFIX}:autoscalers"
+
+
+def restarts() -> str:
+    """Hash role -> restarts of the processes `asyncinfer up` supervises (gateway, batcher,
+    autoscaler, flower, redis)."""
+    return f"{PREFIX}:restarts"
+
 
 
 # A webhook's delivery state lives this long after its last write (far past any retry schedule).

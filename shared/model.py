@@ -34,7 +34,11 @@ class ServingOptions(BaseModel):
     predict_concurrency: int = Field(1, ge=1)
     concurrency_target: int = Field(64, ge=1, description="Requests one worker should hold.")
     min_workers: int = Field(0, ge=0)
-    max_workers: int | None = Field(None, ge=1, description="None: one per device.")
+    max_workers: int | None = Field(
+        None, ge=1, description="None: as many as the devices allow (workers_per_device each).")
+    workers_per_device: int = Field(
+        1, ge=1, description="Workers of this model one device may hold; more than 1 shares a "
+        "device between them (a small model on a big GPU).")
     scale_down_delay_s: float = Field(30.0, ge=0)
     max_queue: int = Field(100_000, ge=1)
     max_queue_per_key: int | None = Field(
@@ -48,8 +52,10 @@ class ModelContext(BaseModel):
 
     model: str
     worker_index: int
-    device: str
+    device: str  # what load() receives: "cpu" or "cuda:0"
     worker_name: str
+    device_label: str = ""  # which device of the host: "cpu:1", "cuda:3"
+    device_uuid: str = ""  # GPU-... or MIG-... on a GPU
 
 
 class InferenceModel:

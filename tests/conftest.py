@@ -101,6 +101,11 @@ class Procs:
         assert wait_port("127.0.0.1", port, 30), self.logs()
         return f"http://127.0.0.1:{port}"
 
+    def autoscaler(self, name: str = "autoscaler", **env: str) -> subprocess.Popen[bytes]:
+        """`python -m workers.autoscaler`, its workers' logs next to the test's other logs."""
+        return self.start(name, "workers.autoscaler", ASYNCINFER_LOG_DIR=str(self.log_dir),
+                          **env)
+
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}"
                          for p in sorted(self.log_dir.glob("*.log")))

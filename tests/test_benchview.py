@@ -32,15 +32,22 @@ def test_terminal_rewrites_in_place_a_log_gets_lines() -> None:
     view = ProgressView(log, tty=False)
     for t in (0.0, 0.5, 1.0, 2.0, 2.5, 4.1):
         view(_p(t))
-    assert log.getvalue().count("\n") == 3 and "\r" not in log.getvalue()
+    view(_p(4.5), final=True)  # the last one always shows
+    assert log.getvalue().count("\n") == 4 and "\r" not in log.getvalue()
 
 
 def test_summary_table() -> None:
-    table = summary_table({"model": "m", "offered_rate": 50, "duration_s": 10.2, "sent": 500,
-                           "outcomes": {"succeeded": 498, "rejected": 2},
-                           "throughput_per_s": 48.8,
-                           "latency_ms": {"p50": 9.5, "p90": 20, "p99": 41, "max": 80}})
+    table = summary_table({
+        "config": {"mode": "open", "rate": 50.0, "arrivals": "poisson", "label": "bench m"},
+        "window_s": 10.0, "arrived": 500, "offered_per_s": 50.0,
+        "status_counts": {"succeeded": 498, "http_429": 2}, "throughput_per_s": 49.8,
+        "latency_ms": {"p50": 9.5, "p90": 20, "p99": 41, "max": 80},
+        "batch_size": {"mean": 3.25}, "slo_ms": 100, "goodput_per_s": 49.0})
     lines = table.splitlines()
-    assert lines[0].split() == ["model", "m"]
+    assert lines[0].split()[:4] == ["run", "bench", "m", "50"]
     assert ["succeeded", "498"] in [ln.split() for ln in lines]
+    assert ["http_429", "2"] in [ln.split() for ln in lines]
     assert any(ln.startswith("latency p99") and ln.endswith("41ms") for ln in lines)
+    assert any(ln.startswith("goodput") and "within 100 ms" in ln for ln in lines)
+    closed = summary_table({"config": {"mode": "closed", "concurrency": 8}, "window_s": 5.0})
+    assert "8 clients" in closed and "latency p50  -" in closed

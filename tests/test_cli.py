@@ -53,12 +53,12 @@ def test_commands_against_the_real_system(procs: Procs, settings: Settings, tmp_
 
     png = tmp_path / "bench.png"
     code, out, err = run(capsys, "bench", "synthetic", "--rate", "40", "--duration", "1",
-                         "--plot", str(png))
+                         "--arrivals", "fixed", "--plot", str(png))
     summary = json.loads(out)
-    assert code == 0 and summary["sent"] == 40 and summary["outcomes"] == {"succeeded": 40}
-    assert summary["latency_ms"]["p50"] > 0
-    assert "jobs/s" in err and "p99" in err and "] " in err  # the progress bar, not a TTY here
-    assert "latency p99" in err and "succeeded" in err  # the closing table
+    assert code == 0 and summary["arrived"] == 40 and summary["status_counts"] == {"succeeded": 40}
+    assert summary["latency_ms"]["p50"] > 0 and "[bench synthetic] [#" in err  # the bar
+    assert "jobs/s" in err and "p99" in err
+    assert "latency p99" in err and "  succeeded  40" in err  # the closing table
     assert png.read_bytes()[:4] == b"\x89PNG" and summary["plot"] == str(png)
 
 

@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +22,16 @@ from typing import Any
 import pytest
 import yaml
 
+from asyncinfer.stack import ROLE_MODULES
 from shared import keys
-from shared.devices import device_for, parse_devices
+from shared.devices import parse_devices
 from shared.errors import ConfigError
-from shared.heartbeats import Heartbeat, HeartbeatPublisher
 from shared.model import ServingOptions
 from shared.modelspec import load_specs
+from shared.procs import spawn, terminate
 from shared.redisconn import connect
 from shared.settings import Settings
+from workers.runtime import STUCK_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -40,7 +41,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 ENTRY_MODULES = {"gateway", "batcher", "workers", "workers.autoscaler"}
 SETTINGS_ENV = {f"ASYNCINFER_{name.upper()}" for name in Settings.model_fields}
 EXTRA_ENV = {"WORKER_INDEX", "CUDA_VISIBLE_DEVICES", "FLOWER_USER", "FLOWER_PASSWORD",
-             "FLOWER_BASIC_AUTH", "GATEWAY_BIND", "PYTORCH_NVML_BASED_CUDA_CHECK"}
+             "FLOWER_BASIC_AUTH", "GATEWAY_BIND", "PYTORCH_NVML_BASED_CUDA_CHECK",
+             "NVIDIA_DRIVER_CAPABILITIES"}
 # `${VAR}`, `${VAR:-default}`, `$VAR`; `$$` is compose's escape for a literal `$`.
 NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 INTERPOLATION = re.compile(rf"(?<!\$)\$(?:\{{({NAME})[^}}]*\}}|({NAME}))")
@@ -88,6 +90,11 @@ def worker_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     return {name: svc for name, svc in services.items() if module_of(svc) == "workers"}
 
 
+def autoscaler_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in services.items()
+            if module_of(svc) == "workers.autoscaler"}
+
+
 def option(args: list[str], name: str) -> str:
     for i, arg in enumerate(args):
         if arg == name and i + 1 < len(args):
@@ -131,8 +138,7 @@ def run_snippet(code: str, redis_url: str) -> int:
 
 
 def test_compose_has_every_role(services: dict[str, dict[str, Any]]) -> None:
-    assert {"redis", "gateway", "batcher", "flower"} <= set(services)
-    assert worker_services(services), "no worker service"
+    assert {"redis", "gateway", "batcher", "autoscaler", "flower"} <= set(services)
     assert all(module_of(services[role]) == role for role in ("gateway", "batcher"))
 
 
@@ -159,23 +165,19 @@ def test_every_command_runs_a_real_entry_point(services: dict[str, dict[str, Any
             pytest.fail(f"{name}: command {args} is no entry point of the project")
 
 
-def test_no_service_runs_the_autoscaler(services: dict[str, dict[str, Any]]) -> None:
-    # Its local launcher would start all workers inside its own container.
-    assert all(module_of(svc) != "workers.autoscaler" for svc in services.values())
-
-
-def test_every_default_model_has_a_worker_without_profiles(
+def test_the_autoscaler_owns_the_devices_with_the_launcher_of_asyncinfer_up(
         services: dict[str, dict[str, Any]]) -> None:
-    default = {option(argv(svc), "--model") for svc in worker_services(services).values()
-               if not svc.get("profiles")}
-    assert set(load_specs(None)) <= default
-
-
-def test_worker_indexes_are_distinct(services: dict[str, dict[str, Any]]) -> None:
-    indexes = [environment(svc).get("WORKER_INDEX") for svc in worker_services(services).values()]
-    assert None not in indexes
-    assert len(indexes) == len(set(indexes))
-    assert all(int(i or 0) >= 1 for i in indexes)  # 1-based
+    scaler = services["autoscaler"]
+    # The same command `asyncinfer up` supervises: one launcher path, the one the real-process
+    # tests drive (tests/workers/test_autoscaler.py, test_launcher.py, test_multihost.py).
+    assert argv(scaler) == ["python", "-m", ROLE_MODULES["autoscaler"]]
+    assert not scaler.get("profiles"), "the default `docker compose up` must scale workers"
+    assert not gpu_devices(scaler)
+    devices = environment(scaler)["ASYNCINFER_DEVICES"]
+    assert {d.kind for d in parse_devices(devices)} == {"cpu"}
+    # Workers are the autoscaler's processes, not services of their own.
+    assert not worker_services(services)
+    assert set(autoscaler_services(services)) == {"autoscaler", "autoscaler-gpu"}
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -205,9 +207,8 @@ def test_environment_values_parse_as_settings(services: dict[str, dict[str, Any]
             settings = Settings()
         if name != "redis":
             assert settings.redis_url.startswith("redis://redis:"), name
-        if module_of(svc) == "workers":
-            devices = parse_devices(settings.devices)
-            device_for(devices, int(env["WORKER_INDEX"]))
+        if module_of(svc) == "workers.autoscaler" and settings.devices != "cuda":
+            assert parse_devices(settings.devices)  # 'cuda' needs the GPUs it reserves
 
 
 def test_flower_uses_the_shared_broker_and_required_credentials(
@@ -280,8 +281,10 @@ def test_project_services_run_under_init(services: dict[str, dict[str, Any]]) ->
 def test_workers_outlast_their_longest_batch(services: dict[str, dict[str, Any]]) -> None:
     longest = max([ServingOptions().batch_timeout_s,
                    *(s.options.batch_timeout_s for s in load_specs(None).values())])
-    for name, svc in worker_services(services).items():
-        assert seconds(svc["stop_grace_period"]) > longest, name
+    # The autoscaler drains all its workers at once on SIGTERM: each may finish its batch, and
+    # a stuck predict gets its grace before the worker exits.
+    for name, svc in autoscaler_services(services).items():
+        assert seconds(svc["stop_grace_period"]) > longest + STUCK_GRACE_S + 10, name
 
 
 def test_python_snippets_compile_and_import_real_names(
@@ -308,33 +311,42 @@ def test_http_healthchecks_hit_the_right_paths(services: dict[str, dict[str, Any
     assert "/healthcheck" in snippets["flower.healthcheck"]
 
 
-async def test_worker_and_batcher_healthchecks_follow_redis_state(
+async def test_autoscaler_and_batcher_healthchecks_follow_redis_state(
         services: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     from shared.redisserver import RedisServer
 
     snippets = python_snippets(services)
-    worker_check = snippets[f"{next(iter(worker_services(services)))}.healthcheck"]
+    scaler_check = snippets["autoscaler.healthcheck"]
+    assert snippets["autoscaler-gpu.healthcheck"] == scaler_check
     batcher_check = snippets["batcher.healthcheck"]
     try:
         server = RedisServer(tmp_path / "redis").start()
     except ConfigError as exc:
         pytest.skip(f"no redis-server: {exc}")
     redis = connect(Settings(redis_url=server.url))
+    scaler = None
     try:
-        assert await asyncio.to_thread(run_snippet, worker_check, server.url) == 1
-        hb = HeartbeatPublisher(redis, Heartbeat(name="mlp-1@test", model="mlp", index=1,
-                                                 device="cpu:0", lanes=1), 1.0, 3.0)
-        assert hb.hb.host == socket.gethostname()
-        await hb.publish()
-        assert await asyncio.to_thread(run_snippet, worker_check, server.url) == 0
-        await hb.remove()
-        assert await asyncio.to_thread(run_snippet, worker_check, server.url) == 1
+        assert await asyncio.to_thread(run_snippet, scaler_check, server.url) == 1
+        # The real autoscaler, as the service runs it (CPU slots, no load: no worker).
+        scaler = spawn(["-m", ROLE_MODULES["autoscaler"]], {
+            "ASYNCINFER_REDIS_URL": server.url, "ASYNCINFER_DEVICES": "cpu:1"},
+            tmp_path / "autoscaler.log")
+        for _ in range(100):
+            if await asyncio.to_thread(run_snippet, scaler_check, server.url) == 0:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            pytest.fail((tmp_path / "autoscaler.log").read_text())
+        assert terminate(scaler, grace_s=30) == 0  # it takes its heartbeat with it
+        assert await asyncio.to_thread(run_snippet, scaler_check, server.url) == 1
 
         assert await asyncio.to_thread(run_snippet, batcher_check, server.url) == 1
         for model in load_specs(None):
             await redis.set(keys.lease(model), "b-test", px=60_000)
         assert await asyncio.to_thread(run_snippet, batcher_check, server.url) == 0
     finally:
+        if scaler is not None:
+            terminate(scaler, grace_s=5)
         await redis.aclose()
         server.stop()
 
@@ -366,27 +378,28 @@ def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
     return list(reservations.get("devices") or [])
 
 
-def test_gpu_workers_have_one_pinned_gpu_each(services: dict[str, dict[str, Any]]) -> None:
+def test_gpu_profile_reserves_the_gpus_to_an_autoscaler(
+        services: dict[str, dict[str, Any]]) -> None:
     gpu = {name: svc for name, svc in services.items() if gpu_devices(svc)}
-    assert len(gpu) >= 2
-    seen: set[str] = set()
-    for name, svc in gpu.items():
-        assert svc.get("profiles") == ["gpu"], name
-        assert module_of(svc) == "workers", name
-        (device,) = gpu_devices(svc)
-        assert device["driver"] == "nvidia"
-        assert "count" not in device, f"{name}: count and device_ids exclude each other"
-        assert "gpu" in device["capabilities"]
-        (device_id,) = device["device_ids"]
-        assert str(device_id) not in seen, f"{name}: GPU {device_id} reserved twice"
-        seen.add(str(device_id))
-        env = environment(svc)
-        # The reserved GPU is renumbered from 0 inside the container.
-        assert env["ASYNCINFER_DEVICES"] == "cuda:0"
-        assert "CUDA_VISIBLE_DEVICES" not in env
-        assert svc["image"] != services["gateway"]["image"], f"{name}: needs the CUDA image"
-    for name, svc in services.items():
-        if "gpu" in (svc.get("profiles") or []):
+    assert set(gpu) == {"autoscaler-gpu"}
+    svc = gpu["autoscaler-gpu"]
+    assert svc.get("profiles") == ["gpu"]
+    assert argv(svc) == argv(services["autoscaler"])  # the same launcher, other devices
+    (device,) = gpu_devices(svc)
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    # Every GPU of the host (or a list of device_ids, never both: compose rejects that).
+    assert (device.get("count") == "all") != bool(device.get("device_ids"))
+    env = environment(svc)
+    # It finds them with nvidia-smi, which the container gets with the utility capability,
+    # and pins each worker by UUID itself: CUDA_VISIBLE_DEVICES is the launcher's to set.
+    assert env["ASYNCINFER_DEVICES"] == "cuda"
+    assert "utility" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+    assert "CUDA_VISIBLE_DEVICES" not in env
+    assert svc["image"] != services["gateway"]["image"], "needs the CUDA image"
+    assert seconds(svc["stop_grace_period"]) == seconds(services["autoscaler"][
+        "stop_grace_period"])
+    for name, other in services.items():
+        if "gpu" in (other.get("profiles") or []):
             assert name in gpu, f"{name}: in the gpu profile without a GPU"
 
 

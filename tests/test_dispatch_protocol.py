@@ -18,11 +18,11 @@ import httpx
 import pytest
 import redis
 
+from asyncinfer.loadgen import SteadyLoad
 from shared import keys
 from shared.redisserver import RedisServer
 from shared.settings import Settings
 from tests.conftest import MODELS, Procs, wait_until, workers_ready
-from tests.loadgen import SteadyLoad
 from tests.test_chaos import _settle
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_kill_9_of_a_worker_mid_batch_its_jobs_are_final_within_10_s_and_others_
     wait_until(workers_ready(settings, "synthetic", 2), 60, "two workers")
     load = SteadyLoad(url, "synthetic", lambda n: {"x": n, "sleep_s": 0.1}, 25).start()
     time.sleep(2)
-    wait_until(lambda: _running_on(url, load.accepted, "synthetic-1@"), 10,
+    wait_until(lambda: _running_on(url, load.accepted, "synthetic-1-"), 10,
                "a batch running on the victim")
     killed_at = time.time()
     os.killpg(victim.pid, signal.SIGKILL)
@@ -75,7 +75,7 @@ def test_kill_9_of_a_worker_mid_batch_its_jobs_are_final_within_10_s_and_others_
     assert max(late) <= 10.0
     # The other worker never stopped: its finishes have no gap while the victim was replaced.
     other = sorted(_epoch(j["finished_at"]) for j in done
-                   if j["metrics"]["worker"].startswith("synthetic-2@")
+                   if j["metrics"]["worker"].startswith("synthetic-2-")
                    and killed_at <= _epoch(j["finished_at"]) <= killed_at + 5)
     gaps = [b - a for a, b in zip([killed_at, *other], other, strict=False)]
     assert other and max(gaps) < 1.5, gaps

@@ -39,7 +39,7 @@ async def test_flower_lists_the_worker_online_and_the_batch_task_succeeded(
         def online() -> list[str]:
             status = _get(flower, "/api/workers", status=1)
             return [name for name, alive in status.items()
-                    if alive and name.startswith("synthetic-1@")]
+                    if alive and name.startswith("synthetic-1-cpu0@")]
 
         wait_until(lambda: bool(online()), 30, "Flower to see the worker online")
         worker = online()[0]

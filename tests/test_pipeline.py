@@ -50,7 +50,7 @@ async def test_200_concurrent_jobs_match_the_model_run_directly(procs: Procs,
     for job, want in zip(done, expected, strict=True):
         got = job["output"]["logits"]  # type: ignore[index]
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
-        assert job["metrics"]["worker"].startswith("mlp-1@")  # type: ignore[index]
+        assert job["metrics"]["worker"].startswith("mlp-1-cpu0@")  # type: ignore[index]
         assert job["metrics"]["batch_size"] >= 1  # type: ignore[index]
     batches = redis.Redis.from_url(settings.redis_url).xlen(keys.completions("mlp"))
     assert 0 < batches < 200

@@ -87,14 +87,14 @@ def test_one_job_through_every_role_over_tls_with_a_password_and_db_3(tmp_path: 
         with Client(gateway) as client:
             job = client.run("synthetic", {"x": 21}, timeout_s=90)
         assert job.status == "succeeded" and job.output == {"y": 42.0}, procs.logs()
-        assert job.metrics.worker and job.metrics.worker.startswith("synthetic-1@")
+        assert job.metrics.worker and job.metrics.worker.startswith("synthetic-1-")
 
         assert wait_port("127.0.0.1", flower_port, 30), procs.logs()
 
         def flower_sees_the_worker() -> bool:
             r = httpx.get(f"http://127.0.0.1:{flower_port}/api/workers?refresh=1",
                           auth=("admin", "flower-pw"), timeout=10)
-            return r.status_code == 200 and any(n.startswith("synthetic-1@") for n in r.json())
+            return r.status_code == 200 and any(n.startswith("synthetic-1-") for n in r.json())
 
         wait_until(flower_sees_the_worker, 60, "Flower to list the worker over TLS")
 

@@ -37,14 +37,14 @@ from celery import signals
 
 from shared import keys, tracing
 from shared.celeryapp import BATCH_TASK, make_celery
-from shared.devices import Device, device_for, parse_devices
-from shared.heartbeats import Heartbeat, HeartbeatPublisher
+from shared.devices import Device, device_for, from_env, parse_devices
+from shared.heartbeats import Heartbeat, HeartbeatPublisher, worker_name
 from shared.model import ModelContext
 from shared.modelspec import ModelSpec, load_specs
 from shared.redisconn import connect
 from shared.settings import Settings
 from shared.store import JobStore
-from workers import context, liveness
+from workers import context, devicecheck, liveness
 from workers.loop import LoopThread
 from workers.refresh import HeldEntries
 from workers.runtime import BatchRequest, BatchTimeout, ModelRuntime
@@ -74,16 +74,21 @@ class Worker:
     def __init__(self, settings: Settings, spec: ModelSpec, index: int) -> None:
         self.settings = settings
         self.spec = spec
-        self.device = device_for(parse_devices(settings.devices), index)
+        # The launcher chose the device and said so in the environment; only a worker started
+        # by hand derives it from its index.
+        self.device = from_env(os.environ) or device_for(parse_devices(settings.devices), index)
         # Only the threads that run the model are pinned to the slot's core: the Celery consumer,
         # the Redis I/O loop and per-item work float, so on a small machine they do not queue
         # behind the model on its core.
         self.cores = compute_cores(self.device)
-        self.threads = 1 if self.cores is not None else max(
+        # A GPU worker takes its launcher's share of the host's cores (cores / workers).
+        self.threads = 1 if self.cores is not None else settings.torch_threads or max(
             1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-        # New at every start: a restarted worker never inherits its predecessor's queue or
-        # entries (those go back to the batcher when the old identity's heartbeat lapses).
-        self.worker_id = f"{spec.name}-{index}@{socket.gethostname()}.{secrets.token_hex(3)}"
+        # New at every start (a token after the stable name): a restarted worker never inherits
+        # its predecessor's queue or entries (those go back to the batcher when the old
+        # identity's heartbeat lapses).
+        base = worker_name(spec.name, index, self.device.slug, socket.gethostname())
+        self.worker_id = f"{base}.{secrets.token_hex(3)}"
         self.lanes = spec.options.predict_concurrency
         self.loop = LoopThread()
         self._side_beat: concurrent.futures.Future[Any] | None = None
@@ -91,12 +96,14 @@ class Worker:
         self.store = JobStore(self.redis, result_ttl_s=settings.result_ttl_s,
                               job_ttl_s=settings.job_ttl_s, max_attempts=settings.max_attempts)
         ctx = ModelContext(model=spec.name, worker_index=index, device=self.device.torch_device,
-                           worker_name=self.worker_id)
+                           worker_name=self.worker_id, device_label=self.device.label,
+                           device_uuid=self.device.uuid)
         context.set_current(ctx)
         self.heartbeat = HeartbeatPublisher(self.redis, Heartbeat(
             name=self.worker_id, model=spec.name, index=index, device=self.device.label,
-            lanes=self.lanes, cores=sorted(self.cores or ())), settings.heartbeat_interval_s,
-            settings.heartbeat_lapse_s)
+            lanes=self.lanes, device_uuid=self.device.uuid, cores=sorted(self.cores or ()),
+            base=base),
+            settings.heartbeat_interval_s, settings.heartbeat_lapse_s)
         self.held = HeldEntries(self.redis, spec.name, keys.worker_consumer(self.worker_id))
         # Bisection of a poison batch runs a job in up to log2(max_batch_size) + 1 groups
         # before it runs alone; past that many starts something else keeps killing it.
@@ -201,6 +208,7 @@ class Worker:
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
         self._beat_aside()
         try:
+            self.heartbeat.hb.torch_uuid = devicecheck.verify(self.device)
             self.runtime.load()
             _set_torch_threads(self.threads)
             self.heartbeat.hb.state = "ready"

@@ -144,7 +144,8 @@ class ModelRuntime:
         items: list[_Item] = []
         whole = False  # the lone job's stages all ran: report with the final write
         try:
-            starts = await self.store.start(req.job_ids, self.ctx.worker_name, self.ctx.device,
+            starts = await self.store.start(req.job_ids, self.ctx.worker_name,
+                                            self.ctx.device_label or self.ctx.device,
                                             consumer=self.consumer, solo=req.solo,
                                             attempt_cap=self.attempt_cap)
             poison: list[Started] = []
@@ -188,7 +189,8 @@ class ModelRuntime:
         run_ms = round((time.monotonic() - t0) * 1000, 3)
         for it in items:
             metrics = {"queue_ms": round(max(0.0, started_ms - it.created_ms), 3),
-                       "run_ms": run_ms, "batch_size": len(items), "device": self.ctx.device}
+                       "run_ms": run_ms, "batch_size": len(items),
+                       "device": self.ctx.device_label or self.ctx.device}
             if it.error is None:
                 outcomes.append(Outcome(it.job_id, "succeeded", output_json=it.value,
                                         metrics=metrics))
@@ -269,6 +271,10 @@ class ModelRuntime:
         elif st.verdict == "expired":
             outcomes.append(Outcome(st.job_id, "expired", error={
                 "type": "expired", "message": "the job waited longer than its ttl_s"}))
+        elif st.verdict == "deadline":  # never computed: worthless past its deadline
+            outcomes.append(Outcome(st.job_id, "expired", error={
+                "type": "deadline_exceeded",
+                "message": "the job's deadline passed before it could start"}))
         else:  # moved, canceled, already final, missing
             report.skipped += 1
 

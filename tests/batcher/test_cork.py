@@ -360,3 +360,58 @@ def test_waits_are_events_or_computed_deadlines() -> None:
     p.add(item("a", clock.now))  # a redelivered duplicate is ignored
     assert p.queue_rows == 1
     assert p.decide(0) == Wait(None)  # nothing can change before an event
+
+
+def test_within_a_priority_the_earliest_deadline_goes_first() -> None:
+    clock = FakeClock()
+    p = make(clock, max_batch_size=1, max_latency_ms=500.0)
+    calibrate(p, clock)
+    loose = Pending("loose", "loose", 1, "normal", clock.now, None, clock.now + 10.0)
+    tight = Pending("tight", "tight", 1, "normal", clock.now + 0.001, None, clock.now + 0.1)
+    plain = item("plain", clock.now)  # due at arrival + max_latency_ms (0.5 s)
+    for x in (loose, plain, tight):
+        p.add(x)
+    order = []
+    for _ in range(3):
+        d = release(p.decide(1))
+        order += [e.entry_id for e in d.entries]
+        p.on_complete(d.batch_id, d.rows, A * d.rows + B)
+    assert order == ["tight", "plain", "loose"]
+
+
+def test_fifo_cork_ignores_deadlines() -> None:
+    clock = FakeClock()
+    p = CorkPolicy(PolicyConfig(max_batch_size=1, max_latency_ms=500.0), clock, edf=False)
+    calibrate(p, clock)
+    p.add(Pending("loose", "loose", 1, "normal", clock.now, None, clock.now + 10.0))
+    p.add(Pending("tight", "tight", 1, "normal", clock.now + 0.001, None, clock.now + 0.1))
+    assert [e.entry_id for e in release(p.decide(1)).entries] == ["loose"]
+
+
+def test_a_batch_is_cut_so_that_its_earliest_deadline_is_met() -> None:
+    clock = FakeClock()
+    p = make(clock, max_batch_size=32, max_latency_ms=10_000.0)
+    calibrate(p, clock)
+    # 32 rows would take 2 ms * 32 + 20 ms = 84 ms; the urgent one has 50 ms.
+    p.add(Pending("urgent", "urgent", 1, "normal", clock.now, None, clock.now + 0.050))
+    for i in range(31):
+        p.add(item(f"r{i}", clock.now))
+    d = release(p.decide(1))
+    assert d.entries[0].entry_id == "urgent"
+    assert A * d.rows + B <= 0.050 and d.rows >= 10
+
+
+def test_a_job_whose_deadline_passes_before_it_starts_is_shed_as_deadline_exceeded() -> None:
+    clock = FakeClock()
+    p = make(clock, max_batch_size=32, max_latency_ms=200.0)
+    calibrate(p, clock)
+    p.add(Pending("late", "late", 1, "normal", clock.now, clock.now + 5.0, clock.now + 0.05))
+    p.add(Pending("ttl", "ttl", 1, "normal", clock.now, clock.now + 0.05, None))
+    assert isinstance(p.decide(0), Wait)  # no lane: they wait
+    clock.now += 0.06
+    first = p.decide(0)
+    assert isinstance(first, Shed) and first.reason == "deadline_exceeded"
+    assert [e.entry_id for e in first.entries] == ["late"]
+    second = p.decide(0)
+    assert isinstance(second, Shed) and second.reason == "expired"
+    assert [e.entry_id for e in second.entries] == ["ttl"]

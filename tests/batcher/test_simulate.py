@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pytest
 
@@ -15,6 +15,7 @@ from batcher.simulate import (
     POLICIES,
     CostModel,
     SimulationError,
+    deadline_burst,
     main,
     make_trace,
     simulate,
@@ -154,3 +155,20 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--policy", "fixed", "--seconds", "1", "--load", "0.3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["requests"] > 0 and "p99_ms" in result
+
+
+def test_a_burst_of_tight_deadlines_in_a_backlog_meets_them_with_edf_not_with_fifo() -> None:
+    cost = CostModel(a_s=0.002, b_s=0.020, noise=0.1, lead_s=0.003, tail_s=0.002)
+    config = PolicyConfig(max_batch_size=32, max_latency_ms=5000.0)
+    met = {}
+    def factory(edf: bool) -> Callable[[PolicyConfig, Clock, int], CorkPolicy]:
+        return lambda c, clk, _: CorkPolicy(c, clk, edf=edf)
+
+    for name, edf in (("edf", True), ("fifo", False)):
+        shares = []
+        for seed in (1, 2, 3):
+            trace = deadline_burst(cost, 32, seed=seed)
+            result = simulate(factory(edf), trace, cost, config, slots=1, seed=seed)
+            shares.append(result.deadline_met_share)
+        met[name] = sum(shares) / len(shares)
+    assert met["edf"] >= 0.9 and met["fifo"] <= 0.3, met

@@ -27,7 +27,8 @@ PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not on PATH (Debian package `prometheus`; .ci/run "
     "installs it)")
-UNITS = ("seconds", "rows", "jobs", "batches", "workers", "lanes", "rows_per_second")
+UNITS = ("seconds", "rows", "jobs", "batches", "workers", "lanes", "autoscalers",
+         "rows_per_second")
 # A 0/1 flag is its own unit; each exception says why.
 UNITLESS = {"asyncinfer_gateway_system_exporter": "0/1: whether this replica exports the "
             "system-wide series"}
@@ -85,6 +86,7 @@ async def _populate(settings: Settings) -> None:
     await HeartbeatPublisher(r, Heartbeat(name="w1", model="synthetic", index=1, device="cpu:1",
                                           lanes=1, state="ready"), 1.0, 3.0).publish()
     await r.hincrby(keys.stats("synthetic"), "succeeded", 5)
+    await r.hset(keys.restarts(), "batcher", 2)  # what `asyncinfer up` counts
     await r.aclose()
 
 
@@ -127,7 +129,7 @@ async def test_names_follow_the_conventions(client: httpx.AsyncClient,
             assert name.endswith("_total"), name
             unit_part = name.removesuffix("_total")
             assert unit_part.endswith(tuple(f"_{u}" for u in UNITS)) or \
-                unit_part.split("_")[-1] in {"submitted", "finished", "deaths"}, name
+                unit_part.split("_")[-1] in {"submitted", "finished", "deaths", "restarts"}, name
         else:
             assert not name.endswith("_total"), f"{kind} {name} ends in _total"
             assert name in UNITLESS or name.endswith(tuple(f"_{u}" for u in UNITS)), \

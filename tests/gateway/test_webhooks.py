@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import threading
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import redis
 import standardwebhooks
+from redis.exceptions import ResponseError
 
 from gateway.app import create_app
 from gateway.webhook_targets import TargetPolicy
@@ -309,3 +311,29 @@ def test_the_address_policy() -> None:
                     "::ffff:10.2.0.1", "64:ff9b::a9fe:a9fe", "100.64.0.1", "0.0.0.0",
                     "255.255.255.255", "192.0.2.1"):
         assert policy.address_refused(address) is not None, address
+
+
+async def test_webhook_events_running_then_final(client: httpx.AsyncClient,
+                                                 settings: Settings) -> None:
+    with Receiver([200]) as rx:
+        r = await client.post("/v1/models/synthetic/jobs", json={
+            "input": {"x": 2}, "webhook": rx.url, "webhook_events": ["running", "final"]})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        store = JobStore(connect(settings), result_ttl_s=60, job_ttl_s=60)
+        # As a worker does: its consumer holds the entry, START, then FINISH.
+        stream = keys.stream("synthetic", "normal")
+        with contextlib.suppress(ResponseError):
+            await store.redis.xgroup_create(stream, keys.BATCHER_GROUP, id="0")
+        await store.redis.xreadgroup(keys.BATCHER_GROUP, keys.worker_consumer("w-1"),
+                                     {stream: ">"}, count=1)
+        [started] = await store.start([job_id], "w-1", "cpu:0",
+                                      consumer=keys.worker_consumer("w-1"))
+        assert started.verdict == "run"
+        await until(lambda: len(rx.hits) == 1, 10, "the running webhook")
+        await store.finish([Outcome(job_id, "succeeded", output_json='{"y": 4.0}')])
+        await store.redis.aclose()
+        await until(drained(settings), 10, "both webhooks delivered")
+    assert [h.headers["x-asyncinfer-event"] for h in rx.hits] == ["running", "final"]
+    assert [json.loads(h.body)["status"] for h in rx.hits] == ["running", "succeeded"]
+    assert rx.hits[0].headers["webhook-id"] != rx.hits[1].headers["webhook-id"]

@@ -44,8 +44,9 @@ def test_burst_scales_up_from_zero_then_drains_to_zero(procs: Procs, settings: S
     done = [httpx.get(f"{url}/v1/jobs/{i}", params={"wait": 60}, timeout=70).json()
             for i in ids]
     assert [d["status"] for d in done] == ["succeeded"] * len(ids)
-    assert {d["metrics"]["worker"].split("@")[0] for d in done} == {"synthetic-1",
-                                                                   "synthetic-2"}
+    assert {d["metrics"]["worker"].split("@")[0] for d in done} == {"synthetic-1-cpu0",
+                                                                   "synthetic-2-cpu1"}
+    assert {d["metrics"]["device"] for d in done} == {"cpu:0", "cpu:1"}
     # scale_down_delay_s is 1 in tests/models.toml: one worker drains per second of idleness.
     wait_until(lambda: not worker_pids(settings.redis_url), 60, "workers drained to zero")
     models = httpx.get(f"{url}/v1/models/synthetic", timeout=10).json()

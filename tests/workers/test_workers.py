@@ -64,8 +64,10 @@ def test_two_workers_get_distinct_index_device_cores_and_share_batches(
     done = _final(url, _jobs(url, [{"x": i, "sleep_s": 0.05} for i in range(120)]))
     assert all(d["status"] == "succeeded" for d in done)
     used = {d["metrics"]["worker"].split("@")[0] for d in done}
-    assert used == {"synthetic-1", "synthetic-2"}
-    assert {d["metrics"]["device"] for d in done} == {"cpu"}
+    assert used == {"synthetic-1-cpu0", "synthetic-2-cpu1"}
+    # Job metrics name the slot that ran each job, as the heartbeats do.
+    assert {(d["metrics"]["worker"].split("@")[0], d["metrics"]["device"]) for d in done} == {
+        ("synthetic-1-cpu0", "cpu:0"), ("synthetic-2-cpu1", "cpu:1")}
 
 
 def test_predict_concurrency_one_never_overlaps_predicts_but_preprocess_overlaps(

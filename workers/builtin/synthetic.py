@@ -3,7 +3,8 @@
 The `fail` field of an item makes that item misbehave on purpose, so tests can drive every
 failure path through the real system: an exception in one stage, a predict that raises for any
 batch containing the item, a worker process killed mid-batch, or a predict that hangs. It and the
-extra sleeps are fault hooks: the gateway accepts them only with `fault_injection` on.
+extra sleeps are fault hooks: the gateway accepts them only with `fault_injection` on. The
+`fail_load` parameter makes every worker of the model die in load() (a crash loop).
 """
 
 from __future__ import annotations
@@ -38,10 +39,17 @@ class SyntheticModel(InferenceModel):
     options = ServingOptions(max_batch_size=32, max_latency_ms=200, concurrency_target=64,
                              batch_timeout_s=30)
 
-    def __init__(self, a_s: float = 0.002, b_s: float = 0.010, **params: Any) -> None:
+    def __init__(self, a_s: float = 0.002, b_s: float = 0.010, fail_load: bool = False,
+                 **params: Any) -> None:
         super().__init__(**params)
         self.a_s = a_s
         self.b_s = b_s
+        self.fail_load = fail_load
+
+    def load(self, device: str) -> None:
+        if self.fail_load:
+            # A model whose weights are missing: its workers die before they serve.
+            raise RuntimeError("synthetic load failure (params.fail_load)")
 
     def preprocess(self, item: SyntheticInput) -> SyntheticInput:
         if item.fail == "preprocess":

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Prepare, here (where pip reaches PyPI), what bench/gpu_check.sh needs on a GPU machine that
+# has Python and a CUDA build of torch but no network: the project's other packages as wheels
+# for that machine's Python, in .whl/ (ignored by git), plus this machine's redis-server with the
+# two libraries it needs that a CUDA image lacks. Carry .whl/ to the GPU machine with the tree.
+#
+#   bash bench/gpu_wheels.sh [PYTHON_VERSION]     # default 3.12 (the lent GPU machines' python3)
+#
+# The versions are the ones this project's .venv runs (pip freeze), so the GPU run uses what the
+# CPU suite tested. torch, numpy and CUDA come from the GPU machine itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYV=${1:-3.12}
+PY=.venv/bin/python
+[ -x "$PY" ] || { echo "no .venv: run bash scripts/setup.sh first" >&2; exit 1; }
+mkdir -p .whl
+reqs=.whl/requirements.txt
+# Every package the services and the GPU tests import, with what they require in turn (torch
+# and numpy excepted: the GPU machine's own), at the versions installed in .venv.
+"$PY" - > "$reqs" <<'PYEOF'
+import importlib.metadata as md
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+
+ROOTS = ["redis[hiredis]", "celery[redis]", "kombu", "pydantic", "pydantic-settings", "fastapi",
+         "uvicorn[standard]", "prometheus-client", "httpx", "pytest", "pytest-asyncio",
+         "pytest-timeout", "pyyaml"]
+env = default_environment()
+todo, seen, pins = [Requirement(r) for r in ROOTS], set(), {}
+while todo:
+    req = todo.pop()
+    key = (req.name.lower(), frozenset(req.extras))
+    if key in seen:
+        continue
+    seen.add(key)
+    dist = md.distribution(req.name)
+    pins[dist.metadata["Name"]] = dist.version
+    for raw in dist.requires or []:
+        dep = Requirement(raw)
+        extras = list(req.extras) or [""]
+        if dep.marker is None or any(dep.marker.evaluate({**env, "extra": e}) for e in extras):
+            todo.append(dep)
+for name in sorted(pins, key=str.lower):
+    if name.lower() not in ("torch", "numpy"):
+        print(f"{name}=={pins[name]}")
+PYEOF
+echo "downloading $(wc -l < "$reqs") wheels for CPython $PYV into .whl/"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
+  -d .whl -r "$reqs"
+# redis-server: the binary and the libraries a CUDA image is unlikely to have.
+if command -v redis-server >/dev/null; then
+  mkdir -p .whl/redis
+  cp -L "$(command -v redis-server)" .whl/redis/redis-server.bin
+  for lib in libjemalloc.so.2 liblzf.so.1; do
+    path=$(ldd "$(command -v redis-server)" | awk -v l="$lib" '$1 == l {print $3}')
+    [ -n "$path" ] && cp -L "$path" .whl/redis/
+  done
+  cat > .whl/redis/redis-server <<'SH'
+#!/bin/sh
+here=$(dirname "$(readlink -f "$0")")
+LD_LIBRARY_PATH="$here${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/redis-server.bin" "$@"
+SH
+  chmod +x .whl/redis/redis-server
+fi
+du -sh .whl

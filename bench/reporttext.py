@@ -1,0 +1,123 @@
+"""The fixed text of docs/benchmarks.md: method, reproduction, and the hot-path section whose
+before/after table bench.profile_hotpath writes between markers (a new report keeps it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METHOD = """## Method
+
+- **Same model, same batching limits.** asyncinfer serves `workers.builtin.mlp:MLPModel`;
+  BentoML (bench/bentoml_service/service.py, `@bentoml.api(batchable=True, max_batch_size=64,
+  max_latency_ms=250)`, a synchronous endpoint) serves the network from the same `build_mlp()`
+  (same fixed-seed weights). The BentoML version is pinned in bench/systems.py
+  (`BENTOML_PIN`) and installed into its own virtual environment.
+- **Equal CPU.** On CPU every system gets the whole machine: asyncinfer runs `asyncinfer up
+  --no-flower` with `ASYNCINFER_DEVICES=cpu:N` and a models file that fixes `min_workers =
+  max_workers = N` (N = 2 on this 2-core machine: one worker pinned to each core, one torch
+  thread each; gateway, batcher, autoscaler and Redis float). BentoML runs `bentoml serve` with
+  `workers=2` (its docs' advice for CPU: one worker per core) and, beside it, `workers=1`; one
+  torch thread per worker, `threads=1`. On a GPU (`--device cuda`) asyncinfer runs one worker
+  on the GPU and both BentoML configurations put their model on `cuda:0`. All systems are up at
+  once and driven in turn (the others idle), so noise from other work hits them alike.
+- **One load generator.** `asyncinfer.loadgen` (the one behind `asyncinfer bench`), in a
+  process of its own on uvloop, with a small keep-alive HTTP/1.1 client (tens of µs of CPU per
+  request; it drives several thousand jobs/s from one process, see the HTTP ceilings). A job is
+  POST submit then GET `/v1/jobs/{id}?wait=` until final (asyncinfer's contract), the same with
+  `Prefer: wait` on the submit (one request per job), or one POST to `/predict` (BentoML).
+  Open loop: Poisson arrivals, latency from the scheduled arrival (no coordinated omission), at
+  most 2,048 jobs in flight. Closed loop: C clients back to back.
+- **Loads.** One client: closed loop, C = 1. Saturation: closed loop at each client count of
+  the profile; a system's saturation point is the count with the most goodput. Offered loads:
+  open loop at fractions of asyncinfer's saturation throughput (submit + long-poll), the same
+  absolute rates for every system, climbing (BentoML driven past its peak goes on refusing for a
+  while). Between runs each system drains (asyncinfer until its queue is empty, BentoML until it
+  answers again).
+- **Statistics.** Per run: the first seconds of arrivals are left out, then up to 20 s for
+  stragglers. Throughput = successful completions inside the measured window per second;
+  goodput = jobs of the window that succeeded within max_latency_ms of their arrival, per
+  second; p50/p99 over the jobs that arrived in the window and succeeded (failures are counted,
+  not timed). Jobs per CPU-second = successful jobs over the CPU (user + system) that all of the
+  system's processes spent during the run, read from /proc before and after (the generator's is
+  separate). Batch size: `metrics.batch_size` of the jobs (asyncinfer) or BentoML's
+  `bentoml_service_adaptive_batch_size` histogram. With repeats, each figure is the median.
+- **The model alone.** `bench/model_limit.py`: the network in one process pinned like a worker,
+  no HTTP, no Redis; the batch-of-one time is the forward pass of one row.
+"""
+
+REPRODUCE = """## Reproduce
+
+```bash
+python -m bench.run --quick               # ~5 min on 2 cores: one repeat, short runs
+python -m bench.run --full                # ~15-20 min: repeats, more client counts and loads
+python -m bench.run --quick --device cuda # the MLP tables on a GPU; skips cleanly without CUDA
+python -m bench.report                    # redo this page and the plots from docs/bench-data/
+python -m bench.run --quick --scale 0.3 --no-publish --no-docs   # a smoke test (~3 min)
+```
+
+The first run makes BentoML's virtual environment under bench/results/.venv-bentoml (the pinned
+torch and BentoML; a machine that reaches no package index runs without BentoML and says so).
+Each run keeps its raw JSON in bench/results/<stamp>/ and publishes it to
+docs/bench-data/<device>/ (`--no-publish` keeps the published set). The generator on its own:
+`asyncinfer bench MODEL --rate R --duration S` (or `--concurrency C`), or
+`python -m asyncinfer.loadgen --help`.
+"""
+
+PROFILE_START, PROFILE_END = "<!-- profile-table -->", "<!-- /profile-table -->"
+
+PROFILING = """## Hot path (measured for an earlier change)
+
+Profiled with py-spy (`python -m bench.profile_hotpath --spy`: the gateway alone under a
+closed-loop submit load, then the whole stack under the job pattern, each process sampled),
+timed in-process piece by piece, and counted with Redis `INFO commandstats`. What was found and
+changed, largest first:
+
+- **Celery's threads pool left the next batch waiting (celery/celery#6941).** With prefetch
+  off, the worker takes its next message only on an iteration of its event loop, and a task
+  finishing in a pool thread does not wake it; with task events off each batch waited for a
+  timer tick (about 2 s), and with them on the events' flush happened to wake it. The worker
+  now runs `workers.pool.WakingThreadPool`, which wakes the loop when a task's completion is
+  recorded.
+- **Celery task events only when watched.** They cost the batcher and the worker a Redis
+  publish per task. Flower turns them on by itself (its `enable_events` timer) while it runs;
+  `ASYNCINFER_TASK_EVENTS=true` keeps them on for other monitors.
+- **The gateway's Redis calls go through one pipelined connection** (`shared/muxredis.py`):
+  redis-py's per-command machinery (pool checkout, timeouts, retry wrapper, Python packing)
+  was about a third of the gateway's CPU per job. Commands are packed by hiredis, written
+  together once per event-loop iteration, and answered in order.
+- **A long-poll needs no Redis read.** The finish script publishes the final record with the
+  id; jobs this gateway submitted are watched from before their submit, so a long-poll on one
+  answers from the message (or waits for it) with no `HGETALL`; anything else reads as before.
+- **One script call per batch** for the worker's start and finish (was one per job, pipelined).
+- **The two job routes are plain Starlette routes** (FastAPI's parameter solving cost about
+  30 µs per request) and FastAPI's OpenTelemetry hooks are off; responses are encoded with
+  pydantic-core. The bare server in these benchmarks is built the same way.
+- **Only the model's thread is pinned to the worker's core**; the Celery consumer and the Redis
+  I/O loop float (pinning the whole process made them queue behind the model on its core).
+- Earlier (previous change): submit is one `EVALSHA`; the body is parsed once by pydantic-core;
+  per-item pre/postprocess use at most 4 thread lanes per batch.
+
+Commands per job (commandstats over the stack run below, which counts the commands a script
+runs too): 1.1 `evalsha` (the submit, plus the worker's two per batch) and one `hgetall`, inside
+the finish script, which reads the record it publishes; before, the gateway read each record
+1.8 times per job. In all, 20.9 commands per job instead of 27.4.
+
+Before/after, measured by `python -m bench.profile_hotpath --before <copy of the code before
+these changes> --repeats 2 --write-docs` (medians of alternating runs, same machine, same
+session). The in-process rows are steady; the end-to-end rows ran on a shared machine:
+
+{profile_table}
+"""
+
+
+def profile_section(docs: Path) -> str:
+    """The hot-path section with the before/after table already in docs/benchmarks.md."""
+    path = docs / "benchmarks.md"
+    old = path.read_text() if path.exists() else ""
+    if PROFILE_START in old and PROFILE_END in old:
+        body = old[old.index(PROFILE_START) + len(PROFILE_START):old.index(PROFILE_END)]
+        table = f"{PROFILE_START}{body}{PROFILE_END}"
+    else:
+        table = (f"{PROFILE_START}\n(run `python -m bench.profile_hotpath` to measure.)\n"
+                 f"{PROFILE_END}")
+    return PROFILING.replace("{profile_table}", table)
