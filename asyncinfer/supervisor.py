@@ -112,7 +112,7 @@ class Supervisor:
 
     def stop(self, order: list[str]) -> None:
         """Stop the roles in `order` (then any other), each within its grace."""
-        names = order + [n for n in self.roles if n not in order]
+        names = [n for n in order if n in self.roles] + [n for n in self.roles if n not in order]
         for name in names:
             role = self.roles[name]
             if role.proc is not None:

@@ -11,6 +11,7 @@ system promised to finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import threading
@@ -55,8 +56,10 @@ class SteadyLoad:
         return self
 
     def stop(self) -> None:
+        """Stop and wait for the drain; again after a stop it does nothing."""
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            with contextlib.suppress(RuntimeError):  # the loop is over already
+                self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(DRAIN_S + 20)
 
     def _body(self, n: int) -> bytes:
