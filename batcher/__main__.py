@@ -16,6 +16,7 @@ from batcher.cork import CorkPolicy
 from batcher.lease import Lease, serve_while_leader
 from batcher.policy import BatchingPolicy, PolicyConfig
 from batcher.service import ModelBatcher
+from shared import eventloop
 from shared.celeryapp import make_celery
 from shared.logs import configure_logging
 from shared.modelspec import load_specs
@@ -85,7 +86,7 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    eventloop.run(serve(settings))
 
 
 if __name__ == "__main__":
