@@ -16,7 +16,7 @@ from batcher.cork import CorkPolicy
 from batcher.lease import Lease, serve_while_leader
 from batcher.policy import BatchingPolicy, PolicyConfig
 from batcher.service import ModelBatcher
-from shared import tracing
+from shared import eventloop, tracing
 from shared.celeryapp import make_celery
 from shared.logs import configure_logging
 from shared.modelspec import load_specs
@@ -87,7 +87,7 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level)
     tracing.setup("batcher")  # only if OTEL_* variables ask for traces
-    asyncio.run(serve(settings))
+    eventloop.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared import expiring, keys
+from shared import eventloop, expiring, keys
 from shared.devices import parse_devices
 from shared.heartbeats import SERVING_STATES, live_workers
 from shared.logs import configure_logging
@@ -173,7 +173,7 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level)
     log_dir = Path(settings.log_dir) if settings.log_dir else None
-    asyncio.run(serve(settings, log_dir))
+    eventloop.run(serve(settings, log_dir))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from shared.eventloop import new_loop
+
 T = TypeVar("T")
 
 
@@ -16,7 +18,7 @@ class LoopThread:
     """Owns a private event loop running forever on a daemon thread."""
 
     def __init__(self, name: str = "asyncinfer-loop") -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
