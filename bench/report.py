@@ -25,7 +25,7 @@ from bench.analysis import (
     targets,
 )
 from bench.docs import DOCS
-from bench.reporttext import METHOD, REPRODUCE, profile_section
+from bench.reporttext import LONE_JOB, METHOD, REPRODUCE, profile_section
 
 NAMES = {OURS: "asyncinfer", BENTO2: "BentoML workers=2", BENTO1: "BentoML workers=1",
          f"{OURS}/jobs": "asyncinfer, submit + long-poll",
@@ -373,6 +373,8 @@ def markdown(results: dict[str, dict[str, Any]], docs: Path) -> str:
                  "machine with CUDA adds the GPU tables (it skips cleanly without one).\n")
     for device, res in results.items():
         device_section(device, res, L)
+    eta_section(docs / "bench-data" / "cpu" / "eta.json", L)
+    L.append(LONE_JOB)
     L.append("## Plots\n")
     for device in results:
         suffix, where = ("", "") if device == "cpu" else (f"-{device}", " (GPU)")
@@ -386,6 +388,35 @@ def markdown(results: dict[str, dict[str, Any]], docs: Path) -> str:
     L.append(REPRODUCE)
     L.append(profile_section(docs))
     return "\n".join(L).rstrip() + "\n"
+
+
+def eta_section(path: Path, L: list[str]) -> None:
+    """ETA accuracy and deadline admission (`python -m bench.eta_accuracy`), when measured."""
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    m, adm = data["model"], data["admission"]
+    L.append("## ETAs of queued jobs, and deadline admission\n")
+    L.append(f"`python -m bench.eta_accuracy`: the synthetic model ({m['a_ms']:g} ms/row + "
+             f"{m['b_ms']:g} ms, batches of {m['max_batch_size']}, one worker, capacity "
+             f"{m['capacity_per_s']:g} jobs/s) under fixed-rate load. Each 202 carries the "
+             "job's ETA at submit; the error is |predicted - actual finish|, relative to the "
+             "job's actual wait (submit to finish). Raw: "
+             "[bench-data/cpu/eta.json](bench-data/cpu/eta.json).\n")
+    L.append("| offered load | jobs | median error / wait | p90 error / wait | median error |")
+    L.append("|---|---|---|---|---|")
+    for row in data["eta"]:
+        L.append(f"| {pct(row['load'])} ({f0(row['offered_per_s'])}/s) | {row['jobs']} | "
+                 f"{pct(row['median_error_relative_to_wait'])} | "
+                 f"{pct(row['p90_error_relative_to_wait'])} | "
+                 f"{f1(row['median_error_ms'])} ms |")
+    L.append("")
+    L.append(f"Behind a 2,000-job backlog (saturation), {adm['refused']} submits whose "
+             f"`deadline_ms` could not be met were answered `429 deadline_unmeetable` in "
+             f"{f1(adm['refusal_ms_p50'])} ms (p50; p99 {f1(adm['refusal_ms_p99'])} ms, client "
+             f"side, HTTP included); of the {adm['accepted']} deadline jobs admitted, "
+             f"{adm['accepted_late_by_more_than_a_plus_b']} finished later than their deadline "
+             "plus the model's a + b.\n")
 
 
 def write_report(docs: Path, results: dict[str, dict[str, Any]]) -> None:

@@ -63,6 +63,35 @@ docs/bench-data/<device>/ (`--no-publish` keeps the published set). The generato
 `python -m asyncinfer.loadgen --help`.
 """
 
+LONE_JOB = """## Where a lone job's time goes
+
+One client, one job at a time, `Prefer: wait` (one HTTP request per job), the stack idle
+otherwise: `asyncinfer up`-like processes on this 2-core machine, timestamps from the job record
+(`created`, `started`, `finished`), the worker's lane report (`predict_ms`, the hand-off) and the
+client, p50 of 400 jobs (measured with the stack of the final commit, machine otherwise quiet):
+
+| leg | synthetic (12 ms model) | MLP |
+|---|---|---|
+| client to the job written (HTTP in, validation, SUBMIT) | 0.7 ms | 0.6 ms |
+| written to started (batcher read, CORK, DISPATCH, Celery hand-off, START) | 4 ms | 3 ms |
+| of which the Celery hand-off (DISPATCH's push to the task's start) | 2.3 ms | 2.0 ms |
+| started to finished (fetch, preprocess, predict, postprocess, final write) | 14 ms | 5 ms |
+| of which the predict | 12.2 ms | 3.6 ms |
+| final write to the client (PUBLISH, waiter, HTTP out) | 3.1 ms | 2.8 ms |
+| end to end | 20.7 ms | 11.1 ms |
+
+So a lone job costs its model plus about 8-9 ms here, not the 3 ms issue 16 asks for. What was
+removed on the way (each measured): the pool-thread hop (a `solo` pool with a hand-over task), a
+compute-thread hop per stage for a one-job batch (one hop for preprocess, predict and
+postprocess), the lane report's round trip (it rides with the final write), Celery's
+per-message ack bookkeeping (the worker's queue is consumed without acks: the hand-off went from
+2.1 to 1.4 ms measured apart), `saferepr` of every batch's job ids (140 to 48 µs a dispatch), and
+asyncio's loop for uvloop's. What is left is structural: Celery's own consumer path alone costs
+1.4 ms per message on this machine (measured with a bare Celery app and `LPUSH`, no asyncinfer
+code), and a job crosses four processes and five Redis round trips (submit, the batcher's read,
+dispatch, start, final write with its publish) on two shared cores.
+"""
+
 PROFILE_START, PROFILE_END = "<!-- profile-table -->", "<!-- /profile-table -->"
 
 PROFILING = """## Hot path (measured for an earlier change)
@@ -76,8 +105,9 @@ changed, largest first:
   off, the worker takes its next message only on an iteration of its event loop, and a task
   finishing in a pool thread does not wake it; with task events off each batch waited for a
   timer tick (about 2 s), and with them on the events' flush happened to wake it. The worker
-  now runs `workers.pool.WakingThreadPool`, which wakes the loop when a task's completion is
-  recorded.
+  then ran a pool that woke the loop when a task's completion was recorded; since the dispatch
+  protocol it runs Celery's `solo` pool with a task that only hands the batch to the worker's
+  I/O loop and returns, so the loop is never blocked at all.
 - **Celery task events only when watched.** They cost the batcher and the worker a Redis
   publish per task. Flower turns them on by itself (its `enable_events` timer) while it runs;
   `ASYNCINFER_TASK_EVENTS=true` keeps them on for other monitors.

@@ -22,6 +22,7 @@ class JobMetrics(BaseModel):
     batch_size: int | None = None
     worker: str | None = None
     device: str | None = None
+    device_uuid: str | None = None  # on a GPU: the physical device (GPU-... or MIG-...)
     attempts: int = 0
 
 
@@ -124,6 +125,7 @@ def from_hash(fields: dict[str, str], now: int | None = None) -> Job:
             batch_size=int(batch_size) if batch_size is not None else None,
             worker=fields.get("worker") or None,
             device=fields.get("device") or None,
+            device_uuid=fields.get("device_uuid") or None,
             attempts=int(fields.get("attempts") or 0),
         ),
     )

@@ -190,7 +190,8 @@ class ModelRuntime:
         for it in items:
             metrics = {"queue_ms": round(max(0.0, started_ms - it.created_ms), 3),
                        "run_ms": run_ms, "batch_size": len(items),
-                       "device": self.ctx.device_label or self.ctx.device}
+                       "device": self.ctx.device_label or self.ctx.device,
+                       "device_uuid": self.ctx.device_uuid or None}
             if it.error is None:
                 outcomes.append(Outcome(it.job_id, "succeeded", output_json=it.value,
                                         metrics=metrics))
