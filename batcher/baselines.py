@@ -98,7 +98,7 @@ class _Fifo:
 class NoBatching(_Fifo):
     """Each request alone, FIFO, whenever a slot is free."""
 
-    def decide(self, free_slots: int) -> Decision:
+    def decide(self, free_slots: int, lanes: int | None = None) -> Decision:
         expired = self._expired()
         if expired is not None:
             return expired
@@ -121,7 +121,7 @@ class FixedWindow(_Fifo):
         super().__init__(config, clock, id_factory)
         self._window_s = window_ms / 1000.0
 
-    def decide(self, free_slots: int) -> Decision:
+    def decide(self, free_slots: int, lanes: int | None = None) -> Decision:
         expired = self._expired()
         if expired is not None:
             return expired
@@ -279,7 +279,7 @@ class ReferenceCork:
     def batch_cost_s(self, rows: int) -> float:
         return self.predict_s(rows)
 
-    def decide(self, free_slots: int) -> Decision:
+    def decide(self, free_slots: int, lanes: int | None = None) -> Decision:
         now = self._clock()
         wake: float | None = None
         for d in self._dispatchers:

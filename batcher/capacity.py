@@ -50,6 +50,7 @@ class Outstanding:
     dispatched_s: float
     busy_until_s: float | None  # None: unknown (a batch of an earlier leader), busy until reported
     misses: int = 0  # heartbeats since its dispatch that did not list it
+    predict_s: float = 0.0  # how long its predict is expected to take
 
 
 @dataclass
@@ -195,7 +196,8 @@ class Capacity:
         ends = sorted(o.busy_until_s for o in w.outstanding.values()
                        if o.busy_until_s is not None and o.busy_until_s > ready)
         start = ready if len(ends) < w.lanes else ends[len(ends) - w.lanes]
-        w.outstanding[batch_id] = Outstanding(batch_id, now, start + predict_s)
+        w.outstanding[batch_id] = Outstanding(batch_id, now, start + predict_s,
+                                              predict_s=predict_s)
         w.last_dispatch_s = now
 
     def isolate(self, worker_id: str, batch_id: str) -> None:
@@ -204,14 +206,25 @@ class Capacity:
         if w is not None:
             w.isolated = batch_id
 
-    def reported(self, worker_id: str, batch_id: str) -> Outstanding | None:
-        """The worker reported the batch's predict over; returns what was outstanding."""
+    def reported(self, worker_id: str, batch_id: str,
+                 now: float | None = None) -> Outstanding | None:
+        """The worker reported the batch's predict over (at `now`); returns what was
+        outstanding. A batch staged behind it starts now: its expected end moves with the real
+        one (else estimates chained off estimates drift, and lanes are offered too early)."""
         w = self._workers.get(worker_id)
         if w is None:
             return None
         if w.isolated == batch_id:
             w.isolated = None
-        return w.outstanding.pop(batch_id, None)
+        done = w.outstanding.pop(batch_id, None)
+        if done is not None and now is not None:
+            waiting = [o for o in w.outstanding.values() if o.busy_until_s is not None
+                       and o.dispatched_s >= done.dispatched_s
+                       and o.busy_until_s - o.predict_s < now]
+            if waiting:
+                nxt = min(waiting, key=lambda o: o.dispatched_s)
+                nxt.busy_until_s = now + nxt.predict_s
+        return done
 
     def holder(self, batch_id: str) -> str | None:
         for wid, w in self._workers.items():

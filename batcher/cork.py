@@ -54,10 +54,16 @@ PROBE_ROWS: tuple[int, ...] = (1, 2, 3)
 _MIN_STEP_S = 1e-6
 
 
-@dataclass(frozen=True)
+@dataclass
 class _InFlight:
     dispatched_s: float
     rows: int
+    # When its predict can have started at the earliest: its dispatch, or the end of the batch
+    # it was staged behind once that one reported (estimates chained off estimates drift).
+    started_s: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self.started_s = max(self.started_s, self.dispatched_s)
 
 
 class CorkPolicy:
@@ -105,7 +111,7 @@ class CorkPolicy:
                         "deadline_exceeded": 0}
         self._pending_expired: list[Pending] = []  # ttl expiries behind a deadline Shed
         # (free slots, valid until): a plan that shed nothing holds until an event or that time.
-        self._plan_cache: tuple[int, float] | None = None
+        self._plan_cache: tuple[tuple[int, int | None], float] | None = None
 
     # --- events ------------------------------------------------------------------------------
 
@@ -124,7 +130,9 @@ class CorkPolicy:
                     overhead_s: float | None = None) -> None:
         """A released batch's predict took `duration_s`; `overhead_s` is the rest of its
         latency (see `BatchingPolicy.on_complete`)."""
-        self._in_flight.pop(batch_id, None)
+        done = self._in_flight.pop(batch_id, None)
+        if done is not None:
+            self._restart_next(done)
         self._plan_cache = None
         self._model.observe(rows, duration_s)
         if overhead_s is not None and overhead_s >= 0:
@@ -133,6 +141,16 @@ class CorkPolicy:
         if self._model.fitted and self._over_budget() and not self._warned:
             self._warned = True
             log.warning("%s", self._warning_text())
+
+    def _restart_next(self, done: _InFlight) -> None:
+        """The batch staged behind `done` (the earliest one dispatched before its end that
+        could not have started earlier) starts now, not when it was predicted to."""
+        now = self._clock()
+        waiting = [f for f in self._in_flight.values()
+                   if f.started_s < now and f.dispatched_s >= done.dispatched_s]
+        if waiting:
+            nxt = min(waiting, key=lambda f: f.dispatched_s)
+            nxt.started_s = now
 
     def forget(self, batch_id: str) -> None:
         """A released batch will never report; stop counting it in flight."""
@@ -147,8 +165,10 @@ class CorkPolicy:
 
     # --- the decision --------------------------------------------------------------------------
 
-    def decide(self, free_slots: int) -> Decision:
-        """One decision; the caller repeats the call while it gets Release or Shed."""
+    def decide(self, free_slots: int, lanes: int | None = None) -> Decision:
+        """One decision; the caller repeats the call while it gets Release or Shed. `lanes`:
+        all the lanes of the model's serving workers, busy or not (the overload plan chains the
+        batches in flight on them); None counts one per free lane and batch in flight."""
         now = self._clock()
         expired = self._queue.pop_expired(now)
         if expired:
@@ -168,7 +188,7 @@ class CorkPolicy:
             return Wait(None)
         wake = self._queue.next_expiry()
         if self._config.on_overload == "shed" and self._can_shed(free_slots):
-            late, next_miss = self._plan(now, free_slots)
+            late, next_miss = self._plan(now, free_slots, lanes)
             if late:
                 self._queue.remove(e.entry_id for e in late)
                 self._counts["overloaded"] += len(late)
@@ -289,20 +309,28 @@ class CorkPolicy:
         # (scaled to zero) there is nothing to plan onto.
         return self._calibrated and max(0, free_slots) + len(self._in_flight) > 0
 
-    def _plan(self, now: float, free_slots: int) -> tuple[list[Pending], float | None]:
+    def _plan(self, now: float, free_slots: int,
+              lanes: int | None) -> tuple[list[Pending], float | None]:
         """Requests that cannot make their budget, and when the next one will stop making it.
 
-        Each slot carries (free time, base), base being where its chain of planned batches
-        starts; a planned batch ending at C misses a deadline D once the clock passes
-        D - (C - base), since until then nothing in the chain moves."""
+        The batches in flight are chained onto the lanes in dispatch order (a batch staged
+        behind another on the same lane starts when that one ends), which gives each lane's
+        free time. Each lane then carries (free time, base), base being where its chain of
+        planned batches starts; a planned batch ending at C misses a deadline D once the clock
+        passes D - (C - base), since until then nothing in the chain moves."""
         cache = self._plan_cache
-        if cache is not None and cache[0] == free_slots and now < cache[1]:
+        key = (free_slots, lanes)
+        if cache is not None and cache[0] == key and now < cache[1]:
             return [], None if math.isinf(cache[1]) else cache[1]
         order = list(self._queue.ordered(now))
-        slots = [(now, now)] * min(max(0, free_slots), len(order))
-        for f in self._in_flight.values():
-            end = max(now, f.dispatched_s + self._model.predict(f.rows))
-            slots.append((end, end))
+        count = lanes if lanes is not None else max(0, free_slots) + len(self._in_flight)
+        free_at = [-math.inf] * max(0, count)
+        for f in sorted(self._in_flight.values(), key=lambda f: f.dispatched_s):
+            if not free_at:
+                break
+            start = max(heapq.heappop(free_at), f.started_s)
+            heapq.heappush(free_at, start + self._model.predict_high(f.rows))
+        slots = [(max(now, t), max(now, t)) for t in free_at]
         heapq.heapify(slots)
         late: list[Pending] = []
         next_miss = math.inf
@@ -325,7 +353,7 @@ class CorkPolicy:
             order = order[len(batch) :]
             heapq.heappush(slots, (lane_free, base))
         if not late:
-            self._plan_cache = (free_slots, next_miss)
+            self._plan_cache = (key, next_miss)
         return late, None if math.isinf(next_miss) else next_miss
 
     # --- reporting ------------------------------------------------------------------------------

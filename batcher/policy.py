@@ -120,8 +120,8 @@ class BatchingPolicy(Protocol):
     def remove(self, entry_ids: Iterable[str]) -> list[Pending]:
         """Drop queued requests (canceled or expired); returns those that were queued."""
 
-    def decide(self, free_slots: int) -> Decision:
-        """What to do now. Called after every event and when a Wait's deadline passes; the caller
+    def decide(self, free_slots: int, lanes: int | None = None) -> Decision:
+        """What to do now (`lanes`: every lane of the serving workers, busy or not). Called after every event and when a Wait's deadline passes; the caller
         keeps calling while it gets Release or Shed, so one call returns one batch."""
 
     def on_complete(self, batch_id: str, rows: int, duration_s: float,

@@ -231,7 +231,7 @@ class ModelBatcher:
         The batch's latency feeds the fit: the predict span the worker measured, plus the fixed
         overhead seen from here (everything from dispatch but the predict and its queueing)."""
         batch_id, worker = fields.get("batch", ""), fields.get("worker", "")
-        self.capacity.reported(worker, batch_id)
+        self.capacity.reported(worker, batch_id, self.clock())
         flight = self.flights.pop(batch_id, None)
         self.wake.set()
         if flight is None:
@@ -419,7 +419,7 @@ class ModelBatcher:
                 self.stats.suspects_run += 1
                 await self._dispatch(alone, batch_id, entries, "suspects", None, group.solo)
                 continue
-            decision = self.policy.decide(self.capacity.free_lanes(now))
+            decision = self.policy.decide(self.capacity.free_lanes(now), self.capacity.lanes)
             if isinstance(decision, Release):
                 worker = self.capacity.pick(now)
                 entries = [self.held.pop(p.entry_id) for p in decision.entries

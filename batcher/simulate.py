@@ -192,7 +192,7 @@ def simulate(
         clock.now = max(clock.now, now)
         if t_done == now:
             end, _, worker, done, dispatched, waited = heapq.heappop(running)
-            capacity.reported(worker, done.batch_id)
+            capacity.reported(worker, done.batch_id, clock.now)
             predict = end - dispatched - cost.lead_s - waited
             policy.on_complete(done.batch_id, done.rows, predict, cost.lead_s + cost.tail_s)
         elif t_arrival == now:
@@ -205,7 +205,7 @@ def simulate(
         else:
             wake = None
         while True:  # the protocol: keep deciding while the policy releases or sheds
-            decision = policy.decide(capacity.free_lanes(clock.now))
+            decision = policy.decide(capacity.free_lanes(clock.now), capacity.lanes)
             calls += 1
             if isinstance(decision, Release):
                 chosen = capacity.pick(clock.now)

@@ -122,3 +122,12 @@ def test_a_batch_sent_to_a_worker_that_just_died_is_ignored() -> None:
     cap = _cap(w1=1)
     cap.dispatched("nobody", "b1", 0.0, predict_s=0.01)
     assert cap.holder("b1") is None
+
+
+def test_a_staged_batch_starts_when_the_one_before_reports_not_when_predicted() -> None:
+    cap = _cap(w1=1)
+    cap.dispatched("w1", "b1", 0.0, predict_s=0.010)  # expected: 0.003 to 0.013
+    cap.dispatched("w1", "b2", 0.0101, predict_s=0.010)  # staged: 0.013 to 0.023
+    cap.reported("w1", "b1", now=0.030)  # b1 ran long: b2 starts only now
+    assert cap.free_lanes(0.030) == 0
+    assert cap.next_change_s(0.030) == pytest.approx(0.030 + 0.010 - 0.003)

@@ -94,7 +94,7 @@ class _Greedy:
     def remove(self, entry_ids: Iterable[str]) -> list[Pending]:
         return []
 
-    def decide(self, free_slots: int) -> Decision:
+    def decide(self, free_slots: int, lanes: int | None = None) -> Decision:
         if not self.queue:
             return Wait(None)
         return Release(str(len(self.queue)), (self.queue.pop(),), "rogue")
@@ -133,8 +133,8 @@ def test_the_policy_is_driven_only_through_the_protocol() -> None:
         policy = CorkPolicy(config, clock)
         decide = policy.decide
 
-        def spy(free_slots: int) -> Decision:
-            decision = decide(free_slots)
+        def spy(free_slots: int, lanes: int | None = None) -> Decision:
+            decision = decide(free_slots, lanes)
             seen.append(type(decision).__name__)
             assert free_slots >= 0
             return decision
@@ -172,3 +172,16 @@ def test_a_burst_of_tight_deadlines_in_a_backlog_meets_them_with_edf_not_with_fi
             shares.append(result.deadline_met_share)
         met[name] = sum(shares) / len(shares)
     assert met["edf"] >= 0.9 and met["fifo"] <= 0.3, met
+
+
+def test_shed_mode_keeps_served_jobs_within_the_budget_up_to_twice_capacity() -> None:
+    cost = CostModel(a_s=0.002, b_s=0.010, noise=0.05, lead_s=0.005, tail_s=0.003)
+    config = PolicyConfig(max_batch_size=32, max_latency_ms=200.0, on_overload="shed")
+    capacity = cost.capacity_rps(32, 1)
+    goodput = {}
+    for load in (0.5, 1.0, 1.5, 2.0):
+        trace = make_trace("poisson", load * capacity, 10.0, seed=1)
+        result = simulate(POLICIES["cork"], trace, cost, config, slots=1, seed=1)
+        assert result.p99_ms <= 200.0 * 1.02, (load, result)
+        goodput[load] = result.throughput_rps * (1 - result.late_share)
+    assert goodput[2.0] >= 0.9 * max(goodput.values()), goodput
