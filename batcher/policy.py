@@ -121,8 +121,9 @@ class BatchingPolicy(Protocol):
         """Drop queued requests (canceled or expired); returns those that were queued."""
 
     def decide(self, free_slots: int, lanes: int | None = None) -> Decision:
-        """What to do now (`lanes`: every lane of the serving workers, busy or not). Called after every event and when a Wait's deadline passes; the caller
-        keeps calling while it gets Release or Shed, so one call returns one batch."""
+        """What to do now (`lanes`: every lane of the serving workers, busy or not). Called
+        after every event and when a Wait's deadline passes; the caller keeps calling while it
+        gets Release or Shed, so one call returns one batch."""
 
     def on_complete(self, batch_id: str, rows: int, duration_s: float,
                     overhead_s: float | None = None) -> None:
