@@ -53,7 +53,14 @@ DRAIN_MAX_S = 10.0
 
 # Numbers whose text can overflow a float (to inf, which JSON cannot carry): an exponent of
 # three or more digits, or 300 or more digits in a row. Only bodies with one are searched.
-_MAYBE_HUGE = re.compile(rb"[eE][+]?0*[1-9][0-9]{2,}|[0-9]{300,}")
+# What a number beyond a float's range needs in its text: a positive exponent of three digits, or
+# a run of 300 digits. Checked on the raw bytes because a walk of the parsed value costs more;
+# the exponent regex runs only when an 'e' is there, and the digit run is found by mapping every
+# digit to '0' and searching (one regex over both cost 90 µs for a 5 KB body of floats, the
+# MLP's input; this costs 3-18 µs).
+_BIG_EXPONENT = re.compile(rb"[eE]\+?0*[1-9][0-9]{2}")
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_DIGITS = b"0" * 300
 _UTF8_BOM = b"\xef\xbb\xbf"
 _FLOAT_MAX = int(sys.float_info.max)
 
@@ -97,9 +104,16 @@ def parse_json(raw: bytes) -> Any:
         value = from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}", field="body") from None
-    if _MAYBE_HUGE.search(raw) and _has_infinity(value):
+    if _maybe_huge(raw) and _has_infinity(value):
         raise InvalidInput("body holds a number too large for a 64-bit float", field="body")
     return value
+
+
+def _maybe_huge(raw: bytes) -> bool:
+    """Whether the text may hold a number too large for a float (no false negatives)."""
+    if (b"e" in raw or b"E" in raw) and _BIG_EXPONENT.search(raw):
+        return True
+    return len(raw) >= len(_LONG_DIGITS) and _LONG_DIGITS in raw.translate(_DIGITS_TO_ZERO)
 
 
 def _has_infinity(value: Any) -> bool:

@@ -93,6 +93,11 @@ def due(model: str, priority: PriorityName) -> str:
     return f"{PREFIX}:due:{model}:{priority}"
 
 
+# A due set expires this long after its longest-lived job would: each submit then extends it
+# about once a minute rather than every time (a PTTL and a PEXPIREAT per submit).
+DUE_SLACK_MS = 60_000
+
+
 def dues(model: str) -> list[str]:
     """The model's due sets, in PRIORITIES order."""
     return [due(model, p) for p in PRIORITIES]

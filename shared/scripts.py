@@ -14,9 +14,9 @@ from __future__ import annotations
 #       job key prefix, prune minimum, then per job 12 values: id, stream index (1..3),
 #       expires_ms, rows, priority, input, owner, webhook, due_ms, deadline_ms or '',
 #       webhook events ("final", "running,final", ...), the most rows that may be queued ahead
-#       of it ('' for no limit: a job without a deadline); last, the submit's W3C
-#       traceparent ('' when not traced), copied into each stream entry as field `tp`
-#       (see shared.tracing).
+#       of it ('' for no limit: a job without a deadline); then the due sets' expiry slack
+#       (ms); last, the submit's W3C traceparent ('' when not traced), copied into each stream
+#       entry as field `tp` (see shared.tracing).
 # A job's position is what is queued ahead of it in the batcher's order: every job of a higher
 # priority and those of its own due no later. A job whose position is past its limit (it cannot
 # make its deadline) fails the whole submit: {'unmeetable', index, position}.
@@ -65,6 +65,7 @@ local ids = {}
 local positions = {}
 local last = 0
 local tp = ARGV[#ARGV]
+local touched = {}
 for i = 0, n - 1 do
   local base = 11 + i * 12
   local id, sidx, expires, rows = ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3]
@@ -87,6 +88,7 @@ for i = 0, n - 1 do
     'attempts', 0, 'due_ms', ARGV[base + 8], 'dueq', KEYS[5 + sidx], 'hooks', ARGV[base + 10])
   if deadline ~= '' then redis.call('HSET', jkey, 'deadline_ms', deadline) end
   redis.call('ZADD', KEYS[5 + sidx], tonumber(ARGV[base + 8]), id)
+  touched[sidx] = true
   positions[#positions + 1] = ahead(sidx, ARGV[base + 8]) - 1
   redis.call('PEXPIREAT', jkey, tonumber(expires) + tonumber(ARGV[2]))
   -- i/1000 ms keeps a batch's jobs in submit order among equal deadlines (the prune's order)
@@ -94,10 +96,11 @@ for i = 0, n - 1 do
   last = math.max(last, tonumber(expires))
   ids[#ids + 1] = id
 end
--- A due set outlives nothing: it lives as long as its longest-lived queued job.
-for s = 6, 8 do
-  if redis.call('PTTL', KEYS[s]) < last - tonumber(ARGV[6]) then
-    redis.call('PEXPIREAT', KEYS[s], last)
+-- A due set lives as long as its longest-lived queued job, plus a slack, so that the next
+-- submits find its expiry far enough out and leave it alone.
+for sidx in pairs(touched) do
+  if redis.call('PTTL', KEYS[5 + sidx]) < last - tonumber(ARGV[6]) then
+    redis.call('PEXPIREAT', KEYS[5 + sidx], last + tonumber(ARGV[#ARGV - 1]))
   end
 end
 if okey ~= '' then redis.call('PEXPIREAT', okey, last) end
@@ -204,7 +207,8 @@ for k = 2, #KEYS do
       else
         redis.call('PUBLISH', ARGV[2], rec['id'])
       end
-      if rec['dueq'] then redis.call('ZREM', rec['dueq'], rec['id']) end
+      -- A running job left its due set when it started (START).
+      if rec['dueq'] and cur[1] == 'queued' then redis.call('ZREM', rec['dueq'], rec['id']) end
       if rec['webhook'] and rec['webhook'] ~= ''
           and string.find(rec['hooks'] or 'final', 'final', 1, true) then
         redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'job', rec['id'])

@@ -128,6 +128,7 @@ class JobStore:
                      job.priority, job.input_json, owner, job.webhook or "", int(due), deadline,
                      ",".join(job.webhook_events), "" if limit is None else limit]
         argv[0] = max_queue
+        argv.append(keys.DUE_SLACK_MS)
         argv.append(traceparent)  # always last (the script reads ARGV[#ARGV])
         job_keys = [*streams, idem, owned, *keys.dues(model), *map(keys.job, ids)]
         if self.mux is not None:

@@ -213,3 +213,27 @@ async def test_a_worker_takes_its_next_batch_as_soon_as_one_finishes(
     # Milliseconds when the worker is woken (measured: at most ~30, the first batch); without
     # the wake-up the later batches waited 0.4 to 0.8 s here.
     assert max(handoffs) < 250, handoffs
+
+
+async def test_a_batch_costs_the_worker_no_ack_round_trip(procs: Procs,
+                                                           settings: Settings) -> None:
+    """The worker's queue is consumed without acks (the stream's pending list is the ledger),
+    yet kombu's Redis transport sent an empty ack transaction (MULTI, ZREM, HDEL, EXEC) for each
+    message, a round trip on the consumer's thread per batch. Lone jobs one after another: one
+    batch each, and no transaction at all."""
+    procs.batcher()
+    procs.worker("synthetic")
+    url = procs.gateway()
+    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    r = redis.Redis.from_url(settings.redis_url)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for x in range(3):  # the first batches (probes, warm-up) out of the way
+            sub = await client.post("/v1/models/synthetic/jobs", json={"input": {"x": x}})
+            assert (await _final(client, sub.json()["id"]))["status"] == "succeeded"
+        r.config_resetstat()
+        for x in range(12):
+            sub = await client.post("/v1/models/synthetic/jobs", json={"input": {"x": x}})
+            assert (await _final(client, sub.json()["id"]))["status"] == "succeeded"
+    stats = cast(dict[str, dict[str, int]], r.info("commandstats"))
+    assert stats["cmdstat_brpop"]["calls"] >= 12, stats  # one message per batch reached it
+    assert "cmdstat_multi" not in stats, stats["cmdstat_multi"]

@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from celery import signals
+from celery.worker.request import Request
 from kombu.entity import Queue
 
 from shared import keys, tracing
@@ -51,6 +52,16 @@ from workers.refresh import HeldEntries
 from workers.runtime import BatchRequest, BatchTimeout, ModelRuntime
 
 log = logging.getLogger(__name__)
+
+
+class NoAckRequest(Request):  # type: ignore[misc]
+    """A batch task's request that sends no ack. Its queue is consumed with no_ack, so the
+    transport records nothing to ack; yet kombu's Redis transport still ran an ack (a MULTI,
+    ZREM, HDEL, EXEC round trip on the consumer's thread) for every message, because its
+    messages carry no consumer tag to match against the no-ack set."""
+
+    def acknowledge(self) -> None:
+        self.acknowledged = True
 
 STUCK_EXIT_CODE = 70
 
@@ -119,7 +130,7 @@ class Worker:
         # never redelivered by Celery), and skipping the transport's ack bookkeeping (two round
         # trips per task) cut the hand-off from 2.1 to 1.4 ms (p50, measured apart).
         self.app.conf.task_queues = [Queue(self.queue, no_ack=True)]  # type: ignore[no-untyped-call]
-        self.app.task(name=BATCH_TASK)(self._task)
+        self.app.task(name=BATCH_TASK, Request=NoAckRequest)(self._task)
         liveness.install(self.app, self._beat, settings.heartbeat_interval_s,
                          self._beat_aside)
 

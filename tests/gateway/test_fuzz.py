@@ -128,3 +128,22 @@ def test_openapi_schema_lists_the_contract_paths(api: TestClient) -> None:
     assert {"/v1/models/synthetic/jobs", "/v1/models/synthetic/jobs:batch", "/v1/models/mlp/jobs",
             "/v1/jobs/{job_id}", "/v1/models", "/v1/models/{model}", "/healthz", "/readyz",
             "/metrics"} <= paths
+
+
+number_texts = st.one_of(
+    st.from_regex(rb"\A-?[1-9][0-9]{0,400}(\.[0-9]{1,20})?([eE][+-]?0{0,3}[0-9]{1,4})?\Z"),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()))
+
+
+@given(number=number_texts, padding=st.binary(max_size=40).filter(lambda b: b"e" not in b))
+@settings(max_examples=400, deadline=None)
+def test_the_cheap_prefilter_never_misses_a_number_beyond_a_float(number: bytes,
+                                                                  padding: bytes) -> None:
+    """The raw-bytes prefilter that spares most bodies the walk of the parsed value must say
+    "maybe" for every number that parses to infinity or is an integer past a float's range."""
+    from gateway import inputs
+
+    body = b'{"input": {"x": ' + number + b"}}"
+    beyond = inputs._has_infinity(json.loads(body))
+    if beyond:
+        assert inputs._maybe_huge(body + padding), number[:40]
