@@ -235,10 +235,17 @@ class Overhead:
     def __init__(self, window: int = 31) -> None:
         self._samples: deque[float] = deque(maxlen=window)
         self._value_s = 0.0
+        self._high_s = 0.0
 
     @property
     def value_s(self) -> float:
         return self._value_s
+
+    @property
+    def high_s(self) -> float:
+        """The 90th percentile of the window: what a promise about a tail (shed mode's p99)
+        plans with, where the median would break it for one batch in two."""
+        return self._high_s
 
     @property
     def samples(self) -> int:
@@ -250,3 +257,4 @@ class Overhead:
         self._samples.append(seconds)
         ordered = sorted(self._samples)
         self._value_s = ordered[len(ordered) // 2]
+        self._high_s = ordered[min(len(ordered) - 1, (len(ordered) * 9) // 10)]

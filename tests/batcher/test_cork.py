@@ -415,3 +415,35 @@ def test_a_job_whose_deadline_passes_before_it_starts_is_shed_as_deadline_exceed
     second = p.decide(0)
     assert isinstance(second, Shed) and second.reason == "expired"
     assert [e.entry_id for e in second.entries] == ["ttl"]
+
+
+def test_shed_mode_plans_with_the_overheads_tail_not_their_median() -> None:
+    """Shed mode promises served jobs' p99: a job that makes its budget only when its batch's
+    overhead (hand-off, fetch, final write) is typical, and misses it one batch in ten, is shed;
+    the wait rules (CORK) keep using the median."""
+    clock = FakeClock()
+    p = make(clock, max_batch_size=32, max_latency_ms=200.0, on_overload="shed")
+    calibrate(p, clock)
+    for i in range(31):  # 4 of 31 batches see 20 ms of overhead, the rest 1 ms
+        clock.now += 1.0
+        p.add(item(f"o{i}", clock.now))
+        d = p.decide(1)
+        while isinstance(d, Wait):
+            assert d.until_s is not None
+            clock.now = d.until_s
+            d = p.decide(1)
+        d = release(d)
+        p.on_complete(d.batch_id, d.rows, A * d.rows + B, 0.020 if i % 10 == 0 else 0.001)
+    assert p.snapshot().extra["overhead_s"] == pytest.approx(0.001)
+    clock.now += 10.0
+    t = clock.now
+    for i in range(32):
+        p.add(item(f"f{i}", t))
+    assert release(p.decide(1)).rows == 32  # ends at t + 84 ms
+    # Queued behind it: ends at t + 84 + 22 ms + overhead; its budget ends at t + 121 ms, which
+    # the median overhead (1 ms) makes and the tail (20 ms) does not.
+    p.add(item("x", t + 0.121 - 0.200))
+    clock.now = t + 0.010
+    d = p.decide(0)
+    assert isinstance(d, Shed) and d.reason == "overloaded", d
+    assert [e.entry_id for e in d.entries] == ["x"]
