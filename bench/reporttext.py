@@ -65,36 +65,60 @@ docs/bench-data/<device>/ (`--no-publish` keeps the published set). The generato
 
 LONE_JOB = """## Where a lone job's time goes
 
-One client, one job at a time, `Prefer: wait` (one HTTP request per job), the stack idle
-otherwise: `asyncinfer up`-like processes on this 2-core machine, timestamps from the job record
-(`created`, `started`, `finished`), the worker's lane report (`predict_ms`, the hand-off) and the
-client, p50 of 400 jobs (measured with the stack of the final commit, machine otherwise quiet):
+One client, one job at a time, the stack idle otherwise, the MLP and synthetic one-client runs
+of the tables above: legs from the job record's timestamps (`created`, `started`, `finished`,
+whole milliseconds, so each leg is ±1 ms) and the client, p50:
 
-| leg | synthetic (12 ms model) | MLP |
+| leg | synthetic (12 ms model) | MLP (1.77 ms batch of one) |
 |---|---|---|
-| client to the job written (HTTP in, validation, SUBMIT) | 0.7 ms | 0.6 ms |
-| written to started (batcher read, CORK, DISPATCH, Celery hand-off, START) | 4 ms | 3 ms |
-| of which the Celery hand-off (DISPATCH's push to the task's start) | 2.3 ms | 2.0 ms |
-| started to finished (fetch, preprocess, predict, postprocess, final write) | 14 ms | 5 ms |
-| of which the predict | 12.2 ms | 3.6 ms |
-| final write to the client (PUBLISH, waiter, HTTP out) | 3.1 ms | 2.8 ms |
-| end to end | 20.7 ms | 11.1 ms |
+| client to the job written (HTTP in, validation, SUBMIT) | < 0.5 ms | < 0.5 ms |
+| written to started (batcher read, CORK, DISPATCH, Celery hand-off, START) | 2 ms | 2 ms |
+| started to finished (preprocess, predict, postprocess, final write) | 13 ms | 3 ms |
+| final write to the client (PUBLISH, waiter, HTTP out) | 2.3 ms | 1.8 ms (`Prefer: wait`) |
+| end to end | 17.5 ms | 6.9 ms (`Prefer: wait`), 7.7 ms (submit + long-poll) |
 
-So a lone job costs its model plus about 8-9 ms here, not the 3 ms issue 16 asks for. What was
+So a lone job costs its model plus about 5 ms here, against the 3 ms issue 16 asks for. What was
 removed on the way (each measured): the pool-thread hop (a `solo` pool with a hand-over task), a
 compute-thread hop per stage for a one-job batch (one hop for preprocess, predict and
-postprocess), the lane report's round trip (it rides with the final write), Celery's
-per-message ack bookkeeping (the worker's queue is consumed without acks: the hand-off went from
-2.1 to 1.4 ms measured apart), `saferepr` of every batch's job ids (140 to 48 µs a dispatch), and
-asyncio's loop for uvloop's. What is left is structural: Celery's own consumer path alone costs
-1.4 ms per message on this machine (measured with a bare Celery app and `LPUSH`, no asyncinfer
-code), and a job crosses four processes and five Redis round trips (submit, the batcher's read,
-dispatch, start, final write with its publish) on two shared cores.
+postprocess), the lane report's round trip (it rides with the final write), Celery's ack of each
+batch (the worker's queue is consumed without acks, and its task's request sends none: kombu's
+Redis transport otherwise still ran an empty MULTI/ZREM/HDEL/EXEC per message), `saferepr` of
+every batch's job ids (140 to 48 µs a dispatch), and asyncio's loop for uvloop's. What is left
+is structural: Celery's own consumer path alone costs 1.4 ms per message on this machine
+(measured with a bare Celery app and `LPUSH`, no asyncinfer code), and a job crosses four
+processes and five Redis round trips (submit, the batcher's read, dispatch, start, final write
+with its publish) on two shared cores.
+
+## Hot path, second round (this change)
+
+`python -m bench.profile_hotpath --before <the previous commit> --repeats 2` (medians of
+alternating runs, same machine, same session; raw JSON in
+[bench-data/cpu/hotpath/](bench-data/cpu/hotpath/)). Found with py-spy and `INFO commandstats`:
+the submit body's check for numbers beyond a float's range ran one regex over the whole body
+(90 µs for the MLP's 5 KB of floats, more than the JSON parse); each submit refreshed the expiry
+of all three due sets (3 `PTTL` + 3 `PEXPIREAT`); the final write removed a started job from
+its due set a second time; and every batch still paid Celery's ack round trip.
+
+| figure | before | after |
+|---|---|---|
+| gateway alone: submits/s (C=64) | 3,824 | 4,359 |
+| gateway alone: gateway CPU µs per submit | 248 | 219 |
+| gateway alone: Redis commands per submit | 16.03 | 11.02 |
+| stack: jobs/s (C=64, submit + long-poll) | 1,113 | 1,165 |
+| stack: gateway CPU µs per job | 497 | 466 |
+| stack: worker CPU µs per job | 588 | 551 |
+| stack: Redis CPU µs per job | 190 | 179 |
+| stack: Redis commands per job (all) | 35.03 | 28.78 |
+
+The dispatch protocol, deadlines and ETAs cost commands of their own that stay: a fenced
+dispatch checks each entry's owner (`XPENDING`) and moves it (`XCLAIM`), the start checks the
+owner again and resets the entry's idle time, and a submit ranks the job in its due set
+(`ZADD`, `ZCOUNT`, `ZCARD`) for its ETA and admission.
 """
 
 PROFILE_START, PROFILE_END = "<!-- profile-table -->", "<!-- /profile-table -->"
 
-PROFILING = """## Hot path (measured for an earlier change)
+PROFILING = """## Hot path, first round (measured for an earlier change)
 
 Profiled with py-spy (`python -m bench.profile_hotpath --spy`: the gateway alone under a
 closed-loop submit load, then the whole stack under the job pattern, each process sampled),
