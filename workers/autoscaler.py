@@ -82,7 +82,8 @@ class Autoscaler:
         for w in mine:
             if w.name in serving:
                 self.launcher.mark_up(w)
-        claimed = await self.claims.refresh(model, [w.name for w in mine if not w.draining])
+        claimed = await self.claims.refresh(model, [w.name for w in mine if not w.draining],
+                                            [w.name for w in mine if w.draining])
         # Workers started by hand serve without a claim: the claims may fill only the rest.
         unclaimed = len(serving - set(claimed))
         policy = self.policies[model]

@@ -4,9 +4,12 @@ Before it starts a worker, an autoscaler claims a slot for the worker's name in 
 claims hash in Redis; a Lua script admits the claim only while the live claims of every host
 are below the desired count it computed, so all hosts together never start more than desired
 (and so never more than `max_workers`), even when they decide at the same instant. A scale-down
-gives a slot back only while the claims are above the desired count, so two hosts that both see
-a lull remove one worker, not one each. Claims expire unless their autoscaler refreshes them
-(each pass), so a dead autoscaler's slots come back within `keys.CLAIM_TTL_S`.
+turns a slot into a draining one only while the serving claims are above the desired count, so
+two hosts that both see a lull remove one worker, not one each. A draining claim no longer counts
+as serving, yet still holds its slot against new claims until its autoscaler sees the process
+exit: a worker finishing its last batches is a process that exists, and a new one started
+meanwhile on another host would pass `max_workers`. Claims expire unless their autoscaler
+refreshes them (each pass), so a dead autoscaler's slots come back within `keys.CLAIM_TTL_S`.
 """
 
 from __future__ import annotations
@@ -17,26 +20,30 @@ import redis.asyncio as aioredis
 
 from shared import keys
 
-# KEYS[1] claims hash. ARGV: now_ms, name, limit, expiry_ms, mode ('claim' | 'release').
+# KEYS[1] claims hash: name -> expiry_ms, negated for a draining worker's claim.
+# ARGV: now_ms, name, limit, expiry_ms, mode ('claim' | 'release').
 # Prunes expired claims, counts the others (not `name`), then: claim -> add `name` if the
-# count is below `limit`; release -> remove `name` if the count with it is above `limit`.
+# count (draining claims included: their processes still run) is below `limit`; release ->
+# mark `name` draining if the serving count with it is above `limit`.
 _CLAIM = """
 local now = tonumber(ARGV[1])
 local name = ARGV[2]
 local limit = tonumber(ARGV[3])
+local claiming = ARGV[5] == 'claim'
 local flat = redis.call('HGETALL', KEYS[1])
 local others = 0
 local mine = false
 for i = 1, #flat, 2 do
-  if tonumber(flat[i + 1]) <= now then
+  local expiry = tonumber(flat[i + 1])
+  if math.abs(expiry) <= now then
     redis.call('HDEL', KEYS[1], flat[i])
   elseif flat[i] == name then
-    mine = true
-  else
+    mine = expiry > 0
+  elseif claiming or expiry > 0 then
     others = others + 1
   end
 end
-if ARGV[5] == 'claim' then
+if claiming then
   if others < limit then
     redis.call('HSET', KEYS[1], name, ARGV[4])
     return 1
@@ -44,7 +51,7 @@ if ARGV[5] == 'claim' then
   return 0
 end
 if mine and others + 1 > limit then
-  redis.call('HDEL', KEYS[1], name)
+  redis.call('HSET', KEYS[1], name, -tonumber(ARGV[4]))
   return 1
 end
 return 0
@@ -73,20 +80,25 @@ class Claims:
                                       args=[now, name, desired, now + self.ttl_ms, "claim"]))
 
     async def release_above(self, model: str, name: str, desired: int) -> bool:
-        """Give back `name`'s slot only while the live claims exceed `desired`."""
+        """Mark `name`'s slot draining only while the serving claims exceed `desired`: it no
+        longer serves, and holds its slot until `release` (its process exited)."""
         now = _now_ms()
         return bool(await self._claim(keys=[keys.worker_claims(model)],
-                                      args=[now, name, desired, 0, "release"]))
+                                      args=[now, name, desired, now + self.ttl_ms, "release"]))
 
     async def release(self, model: str, name: str) -> None:
+        """The worker's process is gone: its slot is free."""
         await self.redis.hdel(keys.worker_claims(model), name)
 
-    async def refresh(self, model: str, names: list[str]) -> list[str]:
-        """Extend the claims of this autoscaler's live workers `names`; returns every live claim
-        of the model (all hosts)."""
+    async def refresh(self, model: str, names: list[str],
+                      draining: list[str] | None = None) -> list[str]:
+        """Extend the claims of this autoscaler's live workers `names` and of its `draining`
+        ones (still running); returns the model's serving claims (all hosts)."""
         now = _now_ms()
-        if names:
-            await self.redis.hset(keys.worker_claims(model),
-                                  mapping={n: now + self.ttl_ms for n in names})
+        expiry = now + self.ttl_ms
+        drained = set(draining or ())
+        if names or drained:
+            await self.redis.hset(keys.worker_claims(model), mapping={
+                n: -expiry if n in drained else expiry for n in [*names, *drained]})
         raw = await self.redis.hgetall(keys.worker_claims(model))
-        return [str(n) for n, expiry in raw.items() if int(expiry) > now]
+        return [str(n) for n, expiry_ms in raw.items() if int(expiry_ms) > now]

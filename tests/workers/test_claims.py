@@ -49,3 +49,27 @@ async def test_claims_of_a_dead_autoscaler_expire(redis_server: RedisServer) -> 
         assert await alive.claim("m", "c", 2)
     finally:
         await redis.aclose()
+
+
+async def test_a_draining_worker_holds_its_slot_until_its_process_exits(
+        redis_server: RedisServer) -> None:
+    """Scale-down on one host while another scales up: the worker finishing its last batches
+    still runs, so its slot is not free for a new worker elsewhere until it has exited (the
+    two-host test saw 4 processes for a max of 3 when the slot was given back at SIGTERM)."""
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await redis.delete(keys.worker_claims("m"))
+        a, b = Claims(redis), Claims(redis)
+        assert await a.claim("m", "a1", 2) and await b.claim("m", "b1", 2)
+        # Host a sees a lull (desired 1): a1 drains; it no longer serves...
+        assert await a.release_above("m", "a1", 1)
+        assert await a.refresh("m", [], draining=["a1"]) == ["b1"]
+        # ...and host b, seeing the lull too, keeps b1: one worker less, not two.
+        assert not await b.release_above("m", "b1", 1)
+        # Load is back (desired 2): no new worker while a1's process still runs.
+        assert not await b.claim("m", "b2", 2)
+        await a.release("m", "a1")  # a's launcher reaped the exited process
+        assert await b.claim("m", "b2", 2)
+        assert sorted(await b.refresh("m", [])) == ["b1", "b2"]
+    finally:
+        await redis.aclose()
