@@ -87,12 +87,21 @@ class Procs:
         self.all.append(proc)
         return proc
 
-    def batcher(self) -> subprocess.Popen[bytes]:
-        return self.start(f"batcher-{len(self.all)}", "batcher")
+    def batcher(self, **env: str) -> subprocess.Popen[bytes]:
+        return self.start(f"batcher-{len(self.all)}", "batcher", **env)
 
-    def worker(self, model: str, index: int = 1) -> subprocess.Popen[bytes]:
+    def worker(self, model: str, index: int = 1, /, **env: str) -> subprocess.Popen[bytes]:
         return self.start(f"worker-{model}-{index}", "workers", "--model", model,
-                          "--index", str(index), WORKER_INDEX=str(index))
+                          "--index", str(index), WORKER_INDEX=str(index), **env)
+
+    def serving(self, model: str = "synthetic", /, **env: str) -> str:
+        """A batcher, one worker of `model` and a gateway, all with `env`; returns the gateway's
+        URL once the worker serves."""
+        self.batcher(**env)
+        self.worker(model, 1, **env)
+        url = self.gateway(**env)
+        wait_until(workers_ready(self.settings, model, 1), 60, f"a {model} worker")
+        return url
 
     def gateway(self, **env: str) -> str:
         """A gateway process (uvicorn) on a free port, settings overridden by `env`."""

@@ -14,7 +14,7 @@ import pytest
 from asyncinfer.cli import main
 from shared.procs import free_port
 from shared.settings import Settings
-from tests.conftest import Procs, wait_until, workers_ready
+from tests.conftest import Procs
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -26,10 +26,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_commands_against_the_real_system(procs: Procs, settings: Settings, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "a synthetic worker")
+    url = procs.serving()
 
     code, out, _ = run(capsys, "models", "--url", url)
     assert code == 0 and "synthetic" in [m["name"] for m in json.loads(out)]

@@ -16,7 +16,7 @@ from gateway.app import create_app
 from shared.modelspec import load_specs
 from shared.procs import free_port
 from shared.settings import Settings
-from tests.conftest import MODELS, Procs, wait_until, workers_ready
+from tests.conftest import MODELS, Procs
 from tests.gateway.test_webhooks import Receiver
 
 JOB = b'{"id": "j1", "model": "synthetic", "status": "queued", "created_at": "2024-01-01"}'
@@ -25,10 +25,7 @@ JOB = b'{"id": "j1", "model": "synthetic", "status": "queued", "created_at": "20
 @pytest.fixture
 def gateway_url(procs: Procs, settings: Settings) -> str:
     """A gateway, a batcher and one synthetic worker, each a real process."""
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "a synthetic worker")
+    url = procs.serving()
     return url
 
 

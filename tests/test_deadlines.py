@@ -15,7 +15,7 @@ import pytest
 
 from asyncinfer.client import Client, JobEvent
 from shared.settings import Settings
-from tests.conftest import MODELS, Procs, wait_until, workers_ready
+from tests.conftest import MODELS, Procs, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -108,10 +108,7 @@ def test_eta_while_queued_admission_of_deadlines_and_none_accepted_misses(
     models = tmp_path / "models.toml"
     models.write_text(MODELS.read_text().replace("max_queue = 500", "max_queue = 5000"))
     env = {"ASYNCINFER_MODELS": str(models)}
-    procs.start("batcher", "batcher", **env)
-    procs.start("worker", "workers", "--model", "synthetic", "--index", "1", **env)
-    url = procs.gateway(**env)
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "worker")
+    url = procs.serving(**env)
     _warm(url)
     # About 2.5 s of work: 600 jobs in batches of 16 rows at 1 ms/row + 5 ms + 50 ms.
     backlog = httpx.post(f"{url}/v1/models/synthetic/jobs:batch", timeout=30, json={
@@ -149,10 +146,7 @@ def test_eta_while_queued_admission_of_deadlines_and_none_accepted_misses(
 
 def test_cancel_of_a_running_job_ends_canceled_and_its_batch_mates_succeed(
         procs: Procs, settings: Settings) -> None:
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "worker")
+    url = procs.serving()
     _warm(url)
     jobs = httpx.post(f"{url}/v1/models/synthetic/jobs:batch", timeout=30, json={
         "inputs": [{"x": i, "sleep_s": 1.0} for i in range(4)]}).json()["jobs"]

@@ -86,10 +86,7 @@ def test_a_batch_longer_than_any_reclaim_threshold_runs_once(
     models = tmp_path / "models.toml"
     models.write_text(MODELS.read_text().replace("batch_timeout_s = 4", "batch_timeout_s = 30"))
     env = {"ASYNCINFER_MODELS": str(models)}
-    procs.start("batcher", "batcher", **env)
-    procs.start("worker", "workers", "--model", "synthetic", "--index", "1", **env)
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "worker")
+    url = procs.serving(**env)
     with httpx.Client(base_url=url, timeout=60) as client:
         # 9 s: three liveness lapses and past the stale-entry threshold (two lapses); the
         # second job waits behind it, staged in the same worker.
@@ -208,10 +205,7 @@ max_batch_size = {max_rows}
 max_latency_ms = {budget_ms}
 """)
     env = {"ASYNCINFER_MODELS": str(models)}
-    procs.start("batcher", "batcher", **env)
-    procs.start("worker", "workers", "--model", "synthetic", "--index", "1", **env)
-    url = procs.gateway(**env)
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "worker")
+    url = procs.serving(**env)
     capacity = max_rows / (a_s * max_rows + b_s)
     rate = 0.5 * capacity
     warm = SteadyLoad(url, "synthetic", lambda n: {"x": n}, rate).start()

@@ -13,7 +13,7 @@ import redis
 
 from shared import keys
 from shared.settings import Settings
-from tests.conftest import Procs, wait_until, workers_ready
+from tests.conftest import Procs, wait_until
 from tests.gateway.test_metrics import PROMTOOL, promtool_problems
 
 pytestmark = pytest.mark.slow
@@ -32,10 +32,7 @@ async def test_200_concurrent_jobs_match_the_model_run_directly(procs: Procs,
 
     from workers.builtin.mlp import IN_FEATURES, build_mlp
 
-    procs.batcher()
-    procs.worker("mlp")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "mlp", 1), 60, "mlp worker ready")
+    url = procs.serving("mlp")
     gen = torch.Generator().manual_seed(7)
     inputs = (torch.rand(200, IN_FEATURES, generator=gen) * 2 - 1).tolist()
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -66,10 +63,7 @@ async def test_200_concurrent_jobs_match_the_model_run_directly(procs: Procs,
 
 async def test_long_poll_wakes_on_completion_not_on_timeout(procs: Procs,
                                                             settings: Settings) -> None:
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    url = procs.serving()
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         job = (await client.post("/v1/models/synthetic/jobs",
                                  json={"input": {"x": 3, "sleep_s": 0.5}})).json()
@@ -91,10 +85,7 @@ async def test_long_poll_wakes_on_completion_not_on_timeout(procs: Procs,
 
 
 async def test_per_item_failures_fail_only_their_job(procs: Procs, settings: Settings) -> None:
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    url = procs.serving()
     inputs = [{"x": 1}, {"x": 2, "fail": "preprocess"}, {"x": 3, "fail": "predict"},
               {"x": 4, "fail": "postprocess"}, {"x": 5}]
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -125,10 +116,7 @@ async def test_canceled_queued_job_is_never_computed(procs: Procs, settings: Set
 
 
 async def test_batches_grow_with_load(procs: Procs, settings: Settings) -> None:
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    url = procs.serving()
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     stream = keys.completions("synthetic")
 
@@ -196,10 +184,7 @@ async def test_a_worker_takes_its_next_batch_as_soon_as_one_finishes(
     the loop's next timer tick, a second or two. The batcher's first batches are small probes
     (1, 1, 1, 2, 3 rows), so slow jobs submitted together keep both slots of the worker busy and
     each later batch is sent just as one finishes."""
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    url = procs.serving()
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         subs = await asyncio.gather(*(client.post("/v1/models/synthetic/jobs",
                                                   json={"input": {"x": x, "sleep_s": 0.2}})
@@ -221,10 +206,7 @@ async def test_a_batch_costs_the_worker_no_ack_round_trip(procs: Procs,
     yet kombu's Redis transport sent an empty ack transaction (MULTI, ZREM, HDEL, EXEC) for each
     message, a round trip on the consumer's thread per batch. Lone jobs one after another: one
     batch each, and no transaction at all."""
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "synthetic worker ready")
+    url = procs.serving()
     r = redis.Redis.from_url(settings.redis_url)
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         for x in range(3):  # the first batches (probes, warm-up) out of the way

@@ -72,10 +72,7 @@ def test_two_workers_get_distinct_index_device_cores_and_share_batches(
 
 def test_predict_concurrency_one_never_overlaps_predicts_but_preprocess_overlaps(
         procs: Procs, settings: Settings) -> None:
-    procs.batcher()
-    procs.worker("synthetic")
-    url = procs.gateway()
-    wait_until(workers_ready(settings, "synthetic", 1), 60, "worker")
+    url = procs.serving()
     done = _final(url, _jobs(url, [{"x": i, "sleep_s": 0.2, "pre_sleep_s": 0.1}
                                    for i in range(40)]))
     assert all(d["status"] == "succeeded" for d in done)
