@@ -25,7 +25,7 @@ from gateway.auth import ApiKeys
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import GatewayMiddleware, owner_of
 from gateway.openapi import document_routes
-from gateway.schedule import Schedule
+from gateway.schedule import Schedule, eta_of
 from gateway.views import model_info
 from gateway.waiters import CompletionWaiters
 from gateway.webhook_targets import TargetPolicy
@@ -195,11 +195,12 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
         created = iso(done.created_ms) or ""
         positions: list[int | None] = (list(done.positions) if done.positions
                                        else [None] * len(done.ids))
+        drain = await d.schedule.drain(model) if done.positions else None
         out = []
         for job_id, job, ahead in zip(done.ids, jobs, positions, strict=True):
             deadline: int | None = (None if job.deadline_ms is None
                                     else done.created_ms + job.deadline_ms)
-            eta = None if ahead is None else await d.schedule.eta(model, ahead, job.rows)
+            eta = None if ahead is None else eta_of(drain, ahead, job.rows)
             out.append(Job(id=job_id, model=model, status="queued", priority=env.priority,
                            created_at=created, deadline_at=iso(deadline), eta=eta,
                            metrics=JobMetrics()))
@@ -208,8 +209,7 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
     async def _queue_full(d: Deps, model: str, exc: QueueFull) -> QueueFull:
         """429 whose Retry-After is the time the backlog (the model's, or the API key's share
         of it) needs to drain to half its limit at the current rate."""
-        info = await model_info(d.store.redis, d.specs[model])
-        rate = float(info["batcher"].get("drain_rows_per_s") or 0.0)
+        rate = await d.schedule.drain_rows_per_s(model)
         depth, limit = int(exc.detail["queue_depth"]), int(exc.detail["limit"])
         excess = max(1, depth - limit // 2)
         retry = 5 if rate <= 0 else min(300, max(1, math.ceil(excess / rate)))
@@ -254,13 +254,8 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
     app.add_route("/v1/models/{model}/jobs", submit_one, methods=["POST"])
     app.add_route("/v1/jobs/{job_id}", get_job, methods=["GET"])
 
-    @app.get("/v1/jobs/{job_id}/events", operation_id="job_events",
-             response_class=StreamingResponse,
-             responses={200: {"description": "The job's status changes as Server-Sent Events "
-                              "(event: the status, data: the job, id: 1 queued, 2 running, "
-                              "3 final); closed after the final one, or after max_wait_s "
-                              "(reconnect with Last-Event-ID)",
-                              "content": {sse.MEDIA_TYPE: {"schema": {"type": "string"}}}}})
+    # Documented in gateway/openapi.py with the other job routes.
+    @app.get("/v1/jobs/{job_id}/events", operation_id="job_events")
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         d = deps(request)
         owner = owner_of(request)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from shared import keys
 from shared.errors import DeadlineUnmeetable
 from shared.eta import Drain, Eta, estimate, max_ahead, retry_after_s
-from shared.jobs import Job, JobEta
+from shared.jobs import Job, JobEta, iso, now_ms
 from shared.modelspec import ModelSpec
 from shared.store import JobStore, NewJob
 
@@ -26,7 +26,16 @@ STATE_MAX_AGE_S = 0.5
 
 
 def _iso_in(seconds: float) -> str:
-    return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat(timespec="milliseconds")
+    return iso(now_ms() + round(seconds * 1000)) or ""
+
+
+def eta_of(drain: Drain | None, position: int, rows: int = 1) -> JobEta | None:
+    """A queued job's ETA with `position` rows ahead of it (None when nothing is predicted)."""
+    if drain is None:
+        return None
+    est = estimate(drain, position, rows)
+    return JobEta(position=position, start_at=_iso_in(est.start_in_s),
+                  finish_at=_iso_in(est.finish_in_s))
 
 
 class Schedule:
@@ -37,14 +46,20 @@ class Schedule:
         self.specs = specs
         self._drains: dict[str, tuple[float, Drain | None]] = {}
 
+    async def _state(self, model: str) -> dict[str, Any]:
+        raw = await self.redis.get(keys.batcher_state(model))
+        return json.loads(raw) if raw else {}
+
+    async def drain_rows_per_s(self, model: str) -> float:
+        """The batcher's drain rate as published now (a 429's Retry-After; not cached)."""
+        return float((await self._state(model)).get("drain_rows_per_s") or 0.0)
+
     async def drain(self, model: str) -> Drain | None:
         cached = self._drains.get(model)
         now = time.monotonic()
         if cached is not None and now - cached[0] < STATE_MAX_AGE_S:
             return cached[1]
-        raw = await self.redis.get(keys.batcher_state(model))
-        state = json.loads(raw) if raw else {}
-        drain = Drain.from_state(state, self.specs[model].options.max_batch_size)
+        drain = Drain.from_state(await self._state(model), self.specs[model].options.max_batch_size)
         self._drains[model] = (now, drain)
         return drain
 
@@ -57,8 +72,18 @@ class Schedule:
         drain = await self.drain(model)
         if drain is None:
             return None
-        return [None if j.deadline_ms is None else max_ahead(drain, j.deadline_ms / 1000, j.rows)
-                for j in jobs]
+        # A batch's jobs share their deadline and rows: one search per distinct pair.
+        found: dict[tuple[int, int], int] = {}
+        out: list[int | None] = []
+        for j in jobs:
+            if j.deadline_ms is None:
+                out.append(None)
+                continue
+            key = (j.deadline_ms, j.rows)
+            if key not in found:
+                found[key] = max_ahead(drain, j.deadline_ms / 1000, j.rows)
+            out.append(found[key])
+        return out
 
     async def refuse(self, model: str, job: NewJob, position: int) -> DeadlineUnmeetable:
         """The 429 for a job whose deadline cannot be met with `position` rows ahead of it."""
@@ -72,12 +97,7 @@ class Schedule:
             predicted_finish_at=_iso_in(eta.finish_in_s), position=position)
 
     async def eta(self, model: str, position: int, rows: int = 1) -> JobEta | None:
-        drain = await self.drain(model)
-        if drain is None:
-            return None
-        est = estimate(drain, position, rows)
-        return JobEta(position=position, start_at=_iso_in(est.start_in_s),
-                      finish_at=_iso_in(est.finish_in_s))
+        return eta_of(await self.drain(model), position, rows)
 
     async def with_eta(self, store: JobStore, job: Job) -> Job:
         """The job with its ETA when queued (one round trip for its position)."""

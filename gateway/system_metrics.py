@@ -10,9 +10,8 @@ the value means.
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from shared import keys
 from shared.heartbeats import live_workers
-from shared.histograms import END_TO_END, RUN, read_buckets
+from shared.histograms import END_TO_END, RUN, Buckets, read_buckets
 from shared.launchstate import model_launchers, role_restarts
 
 WORKER_STATES = ("starting", "ready", "busy", "draining")
@@ -177,21 +176,24 @@ class SystemCollector(Collector):
                 workers.add_metric([s.model, state], n)
         yield from (depth, finished, workers)
 
+    def _per_model(self, family: GaugeMetricFamily | CounterMetricFamily,
+                   pick: Callable[[ModelSnapshot], dict[str, Any]], key: str,
+                   factor: float = 1.0) -> Metric:
+        """`family` with one sample per model: the number at `key` of what `pick` chooses from
+        its snapshot (models without one are left out)."""
+        for s in self.snapshots:
+            value = _number(pick(s).get(key))
+            if value is not None:
+                family.add_metric([s.model], value * factor)
+        return family
+
     def _batcher(self) -> Iterator[Metric]:
         for name, doc, key, factor in BATCHER_GAUGES:
-            family = GaugeMetricFamily(name, doc, labels=["model"])
-            for s in self.snapshots:
-                value = _number(s.batcher.get(key))
-                if value is not None:
-                    family.add_metric([s.model], value * factor)
-            yield family
+            yield self._per_model(GaugeMetricFamily(name, doc, labels=["model"]),
+                                  lambda s: s.batcher, key, factor)
         for name, doc, key in BATCHER_COUNTERS:
-            counter = CounterMetricFamily(name, doc, labels=["model"])
-            for s in self.snapshots:
-                value = _number(s.batcher.get(key))
-                if value is not None:
-                    counter.add_metric([s.model], value)
-            yield counter
+            yield self._per_model(CounterMetricFamily(name, doc, labels=["model"]),
+                                  lambda s: s.batcher, key)
         batches = CounterMetricFamily("asyncinfer_batcher_batches", "Batches dispatched, by the "
                                       "reason of their release", labels=["model", "reason"])
         shed = CounterMetricFamily("asyncinfer_batcher_shed_jobs", "Jobs the batcher ended "
@@ -206,12 +208,8 @@ class SystemCollector(Collector):
 
     def _autoscaler(self) -> Iterator[Metric]:
         for name, doc, key in AUTOSCALER_GAUGES:
-            family = GaugeMetricFamily(name, doc, labels=["model"])
-            for s in self.snapshots:
-                value = _number(s.decision.get(key))
-                if value is not None:
-                    family.add_metric([s.model], value)
-            yield family
+            yield self._per_model(GaugeMetricFamily(name, doc, labels=["model"]),
+                                  lambda s: s.decision, key)
 
     def _histograms(self) -> Iterator[Metric]:
         rows = HistogramMetricFamily("asyncinfer_batch_size_rows", "Rows per dispatched batch",
@@ -233,9 +231,8 @@ class SystemCollector(Collector):
                                 sum(size * n for size, n in sizes.items()))
             q = s.batcher.get("queue_wait")
             if q and sum(q["counts"]):
-                running = list(itertools.accumulate(q["counts"]))
-                buckets = [(str(b), c) for b, c in zip(q["buckets_s"], running, strict=False)]
-                wait.add_metric([s.model], [*buckets, ("+Inf", running[-1])], q["sum_s"])
+                waits = Buckets(tuple(q["buckets_s"]), list(q["counts"]), q["sum_s"])
+                wait.add_metric([s.model], waits.cumulative(), waits.sum)
             for family, name in ((run, RUN), (e2e, END_TO_END)):
                 b = read_buckets(s.latencies, name)
                 if b is not None:

@@ -38,10 +38,6 @@ class Buckets:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
     def cumulative(self) -> list[tuple[str, float]]:
         """Prometheus buckets: (le, cumulative count), ending with +Inf."""
         out: list[tuple[str, float]] = []

@@ -89,11 +89,6 @@ def describe() -> str:
     return ",".join(_exporters)
 
 
-def shutdown() -> None:
-    if _provider is not None:
-        _provider.shutdown()
-
-
 class _LogIds(logging.Filter):
     """Appends the current trace and span ids, and the job or batch ids of the task, to each log
     line (once per record, whatever the number of handlers)."""

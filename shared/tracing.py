@@ -68,12 +68,6 @@ def setup(role: str) -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Export what is buffered (the SDK also does it at interpreter exit)."""
-    if ON:
-        _impl.shutdown()
-
-
 def submit(headers: Mapping[str, str], model: str) -> SubmitTrace:
     """The gateway's span of one submit request (a context manager); only when ON."""
     span: SubmitTrace = _impl.SubmitTrace(headers, model)
