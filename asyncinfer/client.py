@@ -236,8 +236,12 @@ class _Core:
         headers = {"accept": "text/event-stream"}
         if last_id:
             headers["last-event-id"] = str(last_id)
-        return self.request("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                            wait_s=FOLLOW_READ_S)
+        return self.request("GET", f"/v1/jobs/{job_id}/events", headers=headers)
+
+    @property
+    def events_timeout(self) -> httpx.Timeout:
+        """An event stream may be quiet for long: the read timeout is FOLLOW_READ_S."""
+        return httpx.Timeout(FOLLOW_READ_S, connect=self.timeout_s)
 
     def cancel(self, job_id: str) -> _Call[Job]:
         answer = yield from self.call(self.request("DELETE", f"/v1/jobs/{job_id}"))
@@ -331,7 +335,7 @@ class Client(_Base[httpx.Client]):
             request = self._core.events_request(job_id, last)
             with _transport_errors(request), self._http.stream(
                     request.method, request.url, headers=request.headers,
-                    timeout=httpx.Timeout(FOLLOW_READ_S, connect=self._core.timeout_s)
+                    timeout=self._core.events_timeout
                     ) as response:
                 if response.status_code >= 400:
                     response.read()
@@ -408,7 +412,7 @@ class AsyncClient(_Base[httpx.AsyncClient]):
             with _transport_errors(request):
                 async with self._http.stream(
                         request.method, request.url, headers=request.headers,
-                        timeout=httpx.Timeout(FOLLOW_READ_S, connect=self._core.timeout_s)
+                        timeout=self._core.events_timeout
                         ) as response:
                     if response.status_code >= 400:
                         await response.aread()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asyncinfer.status import last_lines
 from shared.backoff import DEFAULT, BackoffConfig, CrashLoop
 from shared.procs import terminate
 
@@ -53,7 +54,7 @@ class RoleFailed(Exception):
         lines = [f"asyncinfer: {self}."]
         path = self.role.log_path
         if path is not None and path.exists():
-            tail = path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+            tail = last_lines(path, TAIL_LINES)
             lines.append(f"  last lines of {path}:")
             lines += [f"    {line}" for line in tail]
         return "\n".join(lines)
@@ -105,10 +106,6 @@ class Supervisor:
                 raise RoleFailed(role)
             log.warning("role exited role=%s code=%s up=%s restart_in_s=%.1f restarts=%d",
                         role.name, code, role.up, delay, role.loop.restarts)
-
-    def pid(self, name: str) -> int | None:
-        proc = self.roles[name].proc
-        return None if proc is None else proc.pid
 
     def stop(self, order: list[str]) -> None:
         """Stop the roles in `order` (then any other), each within its grace."""

@@ -42,9 +42,9 @@ def _one(policy: str, work: Path, duration_s: float, concurrency: int) -> dict[s
         bodies = work / "bodies.jsonl"
         bodies.write_text(json.dumps({"input": {"x": 1.0}}) + "\n")
         out = work / f"load-{policy}-{time.monotonic_ns()}.json"
-        subprocess.run([sys.executable, "-m", "bench.loadgen", "--url",
+        subprocess.run([sys.executable, "-m", "asyncinfer.loadgen", "--url",
                         f"http://127.0.0.1:{port}", "--path", "/v1/models/synthetic/jobs",
-                        "--bodies", str(bodies), "--protocol", "submit", "--mode", "closed",
+                        "--bodies", str(bodies), "--protocol", "submit",
                         "--concurrency", str(concurrency), "--duration", str(duration_s),
                         "--warmup", "1", "--quiet", "--out", str(out)],
                        check=True, timeout=duration_s + 120)

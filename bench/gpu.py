@@ -61,14 +61,14 @@ def _loadgen(url: str, bodies: Path, work: Path, name: str, concurrency: int,
     return {"concurrency": concurrency, "seconds": seconds,
             "jobs_per_s": round(r["throughput_per_s"], 1),
             "latency_ms": {k: r["latency_ms"][k] for k in ("p50", "p90", "p99")},
-            "outcomes": r.get("outcomes")}
+            "outcomes": r["status_counts"]}
 
 
 def served(work: Path, seconds: float, device: str) -> dict[str, Any]:
     bodies, _ = write_bodies(work)
     devices = "cuda" if device == "cuda" else "cpu:1"
-    with OursStack(work / "stack", devices=devices, workers=1) as stack:
-        stack.wait_workers(240)
+    # A GPU worker's first load (CUDA context, weights) can take minutes.
+    with OursStack(work / "stack", devices=devices, workers=1, workers_timeout_s=240) as stack:
         info = stack.model_info()
         worker = info["workers"][0]
         _loadgen(stack.url, bodies, work, "warmup", 64, 4)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bench.analysis import BENTO1, BENTO2, OURS
 from bench.docs import DOCS, REPO, RESULTS
 from bench.drive import Runner, log, settle, write_bodies, write_synthetic_bodies
 from bench.machine import cuda_available, machine_info
@@ -52,7 +53,6 @@ DATA = DOCS / "bench-data"  # the published runs' raw JSON, one folder per devic
 SYNTH_CLASS = "workers.builtin.synthetic:SyntheticModel"
 SYNTH, SHED = "synthetic", "synthetic-shed"
 SYNTH_A_S, SYNTH_B_S, SYNTH_BATCH, SYNTH_LATENCY_MS = 0.002, 0.010, 32, 200
-OURS, BENTO2, BENTO1 = "asyncinfer", "bentoml-w2", "bentoml-w1"
 
 
 @dataclass

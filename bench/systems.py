@@ -214,6 +214,7 @@ class OursStack(Server):
     devices: str = "cpu:1"
     workers: int = 1
     models: str = ""
+    workers_timeout_s: float = 120.0  # for the workers to serve, once `up` answers
 
     def start(self) -> Self:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,7 @@ class OursStack(Server):
         if not wait_port("127.0.0.1", self.port, 90):
             raise RuntimeError(f"asyncinfer up did not start; see {self.log}")
         for name, table in tomllib.loads(models.read_text())["models"].items():
-            self.wait_workers(120, name, int(table.get("min_workers", 1)))
+            self.wait_workers(self.workers_timeout_s, name, int(table.get("min_workers", 1)))
         return self
 
     def model_info(self, model: str = MODEL) -> dict[str, Any]:

@@ -180,3 +180,15 @@ def test_the_command_refuses_a_load_that_cannot_run(capsys: pytest.CaptureFixtur
         loadgen_main(["--url", "http://127.0.0.1:1", "--model", "m", "--rate", "0",
                       "--duration", "1"])
     assert exit_.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
+async def test_a_request_that_times_out_is_a_timeout_and_never_sent_again(
+        fake: FakeJobs) -> None:
+    """TimeoutError is an OSError: caught as a dropped keep-alive connection, a timed-out
+    submit on a reused connection was sent a second time (a second job on the server) and
+    counted as an error."""
+    cfg = config(fake, mode="closed", concurrency=1, protocol="jobs-wait", duration_s=0.3,
+                 timeout_s=0.2, drain_s=1.0)
+    r = await run(cfg, lambda i: body(delay_ms=0 if i == 0 else 2000), progress=None)
+    assert r["status_counts"].get("timeout", 0) >= 1, r["status_counts"]
+    assert fake.submits == r["jobs_total"], (fake.submits, r["jobs_total"])

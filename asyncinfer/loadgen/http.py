@@ -87,6 +87,11 @@ class RawClient:
                     # its own, which cost the generator about a quarter of its CPU per request.
                     async with asyncio.timeout(self.timeout_s):
                         status, payload, keep = await _exchange(conn, data)
+                except TimeoutError as exc:
+                    # First: TimeoutError is an OSError, and a request that timed out must not
+                    # be sent again (a resent submit could make a second job).
+                    conn.close()
+                    raise HTTPError("timeout") from exc
                 except (OSError, asyncio.IncompleteReadError, ValueError,
                         asyncio.LimitOverrunError) as exc:
                     conn.close()
@@ -94,9 +99,6 @@ class RawClient:
                         self.retries += 1
                         continue  # the server closed an idle keep-alive connection: retry
                     raise HTTPError(f"{type(exc).__name__}: {exc}") from exc
-                except TimeoutError as exc:
-                    conn.close()
-                    raise HTTPError("timeout") from exc
                 except BaseException:
                     conn.close()
                     raise
