@@ -233,19 +233,11 @@ class CorkPolicy:
             room = due - now - self._overhead.value_s
             if now + self._overhead.value_s + self._model.predict_high(rows) <= due:
                 break
-            fit = self._rows_within(room)
+            fit = self._model.rows_within_high(room)
             if fit >= rows or fit < batch[0].rows:
                 break  # no smaller batch helps (or even the first job alone misses)
             batch = take_batch(batch, fit)
         return batch
-
-    def _rows_within(self, seconds: float) -> int:
-        """The most rows whose pessimistic predict fits in `seconds`."""
-        per_row = self._model.a_s * self._model.overrun
-        fixed = self._model.b_s * self._model.overrun
-        if seconds <= fixed or per_row <= 0:
-            return 0
-        return int((seconds - fixed) / per_row)
 
     def _release(self, now: float, batch: list[Pending], reason: str) -> Release:
         batch_id = self._new_id()

@@ -118,6 +118,13 @@ class LatencyModel:
         """A duration that few batches of `rows` rows exceed (`predict` times `overrun`)."""
         return self.predict(rows) * self._overrun
 
+    def rows_within_high(self, seconds: float) -> int:
+        """The most rows whose `predict_high` fits in `seconds` (its inverse)."""
+        per_row, fixed = self.a_s * self._overrun, self.b_s * self._overrun
+        if seconds <= fixed or per_row <= 0:
+            return 0
+        return int((seconds - fixed) / per_row)
+
     def observe(self, rows: int, duration_s: float) -> None:
         """Record one completed batch; refit if due."""
         if rows <= 0 or not math.isfinite(duration_s) or duration_s < 0:

@@ -350,7 +350,7 @@ class ModelBatcher:
         by an error after its script ran, a dispatch rolled back by a Redis restart): take them
         in again, as the takeover would."""
         known = set(self.held) | set(self.suspects) | self.dispatching
-        orphans = [e for e in await self.streams.own_idle(ORPHAN_IDLE_MS) if e.key not in known]
+        orphans = await self.streams.own_idle(ORPHAN_IDLE_MS, known)
         if orphans:
             log.warning("orphans on own consumer model=%s count=%d", self.model, len(orphans))
             await self._sort_claimed([Claimed(e, self.consumer) for e in orphans], [])

@@ -12,6 +12,7 @@ known by its stream and id together (`Entry.key`) everywhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,15 +100,18 @@ class ModelStreams:
         return [e for stream, entries in stream_items(reply) for entry_id, fields in entries
                 if (e := make_entry(stream, self.streams[stream], entry_id, fields)) is not None]
 
-    async def own_idle(self, min_idle_ms: int, count: int = 1000) -> list[Entry]:
-        """Entries pending on this consumer, idle at least `min_idle_ms` (their idle time
-        restarts: they are claimed to this consumer again)."""
+    async def own_idle(self, min_idle_ms: int, known: Collection[str] = (),
+                       count: int = 1000) -> list[Entry]:
+        """Entries pending on this consumer, idle at least `min_idle_ms`, but for those whose
+        key is `known` (their idle time restarts: they are claimed to this consumer again).
+        Read-ahead entries wait here for long under a backlog: they are left alone."""
         out: list[Entry] = []
         for stream, priority in self.streams.items():
             pending = await self.redis.xpending_range(
                 stream, keys.BATCHER_GROUP, "-", "+", count, consumername=self.consumer,
                 idle=min_idle_ms)
-            ids: list[Any] = [p["message_id"] for p in pending]
+            ids: list[Any] = [p["message_id"] for p in pending
+                              if entry_key(stream, str(p["message_id"])) not in known]
             if ids:
                 claimed: Any = await self.redis.xclaim(stream, keys.BATCHER_GROUP,
                                                        self.consumer, 0, ids)

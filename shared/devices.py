@@ -52,14 +52,15 @@ class Device:
         return self.uuid or str(self.ordinal)
 
 
-def _cores() -> int:
+def host_cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
 
 
 def _cpu(rest: str) -> list[Device]:
     if not rest:
-        return [Device("cpu", i) for i in range(_cores())]
+        return [Device("cpu", i) for i in range(host_cores())]
     try:
         if "," in rest:
             slots = [int(x) for x in rest.split(",") if x.strip()]

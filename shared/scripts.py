@@ -71,16 +71,10 @@ for i = 0, n - 1 do
   local id, sidx, expires, rows = ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3]
   local skey = KEYS[sidx]
   local deadline = ARGV[base + 9]
-  local entry
-  if tp ~= '' then
-    local f = {'job', id, 'rows', rows, 'exp', expires, 'tp', tp}
-    if deadline ~= '' then f[#f + 1] = 'dl'; f[#f + 1] = deadline end
-    entry = redis.call('XADD', skey, '*', unpack(f))
-  elseif deadline == '' then
-    entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires)
-  else
-    entry = redis.call('XADD', skey, '*', 'job', id, 'rows', rows, 'exp', expires, 'dl', deadline)
-  end
+  local f = {'job', id, 'rows', rows, 'exp', expires}
+  if tp ~= '' then f[#f + 1] = 'tp'; f[#f + 1] = tp end
+  if deadline ~= '' then f[#f + 1] = 'dl'; f[#f + 1] = deadline end
+  local entry = redis.call('XADD', skey, '*', unpack(f))
   local jkey = KEYS[9 + i]
   redis.call('HSET', jkey, 'id', id, 'model', ARGV[5], 'status', 'queued', 'created_ms', ARGV[6],
     'expires_ms', expires, 'rows', rows, 'priority', ARGV[base + 4], 'input', ARGV[base + 5],
@@ -228,24 +222,25 @@ return out
 # cancel channel prefix, webhook stream cap.
 # Returns {'ok'} | {'final', status} | {'missing'}.
 CANCEL = """
-local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'stream', 'entry', 'id')
+local cur = redis.call('HMGET', KEYS[1], 'status', 'owner', 'stream', 'entry', 'id', 'model',
+  'webhook', 'hooks', 'dueq')
 if not cur[1] or cur[2] ~= ARGV[1] then return {'missing'} end
 if cur[1] ~= 'queued' and cur[1] ~= 'running' then return {'final', cur[1]} end
 redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_ms', ARGV[2],
   'error', '{"type":"canceled","message":"canceled by the client"}')
 redis.call('HDEL', KEYS[1], 'input')
-redis.call('HINCRBY', ARGV[6] .. redis.call('HGET', KEYS[1], 'model'), 'canceled', 1)
+redis.call('HINCRBY', ARGV[6] .. cur[6], 'canceled', 1)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('PUBLISH', ARGV[4], cur[5])
-local more = redis.call('HMGET', KEYS[1], 'webhook', 'hooks', 'dueq')
-if more[3] then redis.call('ZREM', more[3], cur[5]) end
-if more[1] and more[1] ~= '' and string.find(more[2] or 'final', 'final', 1, true) then
+-- A running job left its due set when it started (START).
+if cur[9] and cur[1] == 'queued' then redis.call('ZREM', cur[9], cur[5]) end
+if cur[7] and cur[7] ~= '' and string.find(cur[8] or 'final', 'final', 1, true) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'job', cur[5])
 end
 if cur[3] then
   redis.call('XACK', cur[3], ARGV[5], cur[4])
   redis.call('XDEL', cur[3], cur[4])
-  redis.call('PUBLISH', ARGV[7] .. redis.call('HGET', KEYS[1], 'model'), cur[5])
+  redis.call('PUBLISH', ARGV[7] .. cur[6], cur[5])
 end
 return {'ok'}
 """

@@ -44,5 +44,5 @@ def pick(devices: list[Device], placed: Iterable[Placement], model: str,
     candidates = [d for d in devices if mine[d] < per_device]
     if not candidates:
         return None
-    order = {d: i for i, d in enumerate(devices)}
-    return min(candidates, key=lambda d: (load[d], mine[d], order[d]))
+    # Ties go to the first in device order (min keeps the first of equal keys).
+    return min(candidates, key=lambda d: (load[d], mine[d]))

@@ -97,8 +97,10 @@ class Claims:
         now = _now_ms()
         expiry = now + self.ttl_ms
         drained = set(draining or ())
+        pipe = self.redis.pipeline(transaction=False)
         if names or drained:
-            await self.redis.hset(keys.worker_claims(model), mapping={
+            pipe.hset(keys.worker_claims(model), mapping={
                 n: -expiry if n in drained else expiry for n in [*names, *drained]})
-        raw = await self.redis.hgetall(keys.worker_claims(model))
+        pipe.hgetall(keys.worker_claims(model))
+        raw: dict[str, str] = (await pipe.execute())[-1]
         return [str(n) for n, expiry_ms in raw.items() if int(expiry_ms) > now]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backoff import BackoffConfig, CrashLoop
-from shared.devices import Device, pinning_env
+from shared.devices import Device, host_cores, pinning_env
 from shared.heartbeats import worker_name
 from shared.procs import spawn, terminate
 from workers import allocation
@@ -64,9 +63,7 @@ def torch_threads_per_worker(devices: list[Device]) -> int:
     split the host's cores so their CPU-side torch work does not oversubscribe them."""
     if any(d.kind == "cpu" for d in devices):
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return max(1, cores // max(1, len(devices)))
+    return max(1, host_cores() // max(1, len(devices)))
 
 
 def _last_line(path: Path | None) -> str:

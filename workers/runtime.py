@@ -9,7 +9,6 @@ is over (done, failed, or past its time limit) the batcher is told its lane is f
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
 import time
@@ -119,7 +118,6 @@ class ModelRuntime:
         self._predict_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="predict",
                                                 initializer=compute_thread_init)
         self._item_pool = ThreadPoolExecutor(ITEM_LANES, thread_name_prefix="items")
-        self.abandoned: list[concurrent.futures.Future[Any]] = []
 
     def load(self) -> None:
         """Load weights; runs before the worker consumes any batch."""
@@ -405,18 +403,11 @@ class ModelRuntime:
         try:
             out = await asyncio.wait_for(asyncio.shield(future), STUCK_GRACE_S)
         except TimeoutError:
-            # The thread cannot be stopped; remember it, the process must be restarted.
-            self.abandoned.append(work)
+            # The thread cannot be stopped: the worker process exits on BatchTimeout.
             raise BatchTimeout(limit_s) from None
         log.warning("predict finished past its time limit model=%s size=%d limit_s=%s",
                     self.spec.name, size, limit_s)
         return out
-
-    @property
-    def stuck(self) -> bool:
-        """A predict that ran past its time limit is still running."""
-        self.abandoned = [f for f in self.abandoned if not f.done()]
-        return bool(self.abandoned)
 
     def timeout_outcomes(self, req: BatchRequest) -> list[Outcome]:
         limit = self.spec.options.batch_timeout_s
