@@ -34,6 +34,7 @@ from batcher.recovery import Death, Recovery, fate_of
 from batcher.state import BatcherStats, published_state
 from batcher.streams import Entry, ModelStreams, mono_from_epoch_ms, stream_items
 from shared import keys
+from shared.answerleg import answer_leg_s
 from shared.errors import Fenced
 from shared.heartbeats import SERVING_STATES, live_workers
 from shared.modelspec import ModelSpec
@@ -100,6 +101,8 @@ class ModelBatcher:
         self.dispatcher = Dispatcher(redis, self.streams, celery, lease, stale_ms)
         self.capacity = Capacity()
         self.lead = Overhead()  # dispatch to predict start, as seen from here
+        # Final write to the answer of a waiting client, as the gateways measure it.
+        self.answer_leg_s = 0.0
         self.recovery = Recovery(self.policy.batch_cost_s)
         self.held: dict[str, Entry] = {}  # entry key -> entry, read and not dispatched
         self.by_job: dict[str, str] = {}  # job id -> entry key, for cancels
@@ -229,7 +232,8 @@ class ModelBatcher:
     def _on_report(self, fields: dict[str, str]) -> None:
         """A worker says a batch's predict is over (or failed, or timed out): its lane is free.
         The batch's latency feeds the fit: the predict span the worker measured, plus the fixed
-        overhead seen from here (everything from dispatch but the predict and its queueing)."""
+        overhead its jobs' clients see (everything from dispatch but the predict and its
+        queueing, and the answer leg after the final write that only the gateways see)."""
         batch_id, worker = fields.get("batch", ""), fields.get("worker", "")
         self.capacity.reported(worker, batch_id, self.clock())
         flight = self.flights.pop(batch_id, None)
@@ -254,7 +258,8 @@ class ModelBatcher:
         self.lead.observe(lead_s)
         self.capacity.lead_s = self.lead.value_s
         if flight.policy_batch is not None:
-            self.policy.on_complete(flight.policy_batch, flight.rows, predict_s, lead_s + tail_s)
+            self.policy.on_complete(flight.policy_batch, flight.rows, predict_s,
+                                    lead_s + tail_s + self.answer_leg_s)
         handoff = fields.get("handoff_ms")
         self.stats.done(now, flight.rows, float(handoff) if handoff else None)
 
@@ -276,6 +281,7 @@ class ModelBatcher:
             await self._takeover()
             await self._sweep_own()
         if now >= self.timers.next_state_s:
+            self.answer_leg_s = await answer_leg_s(self.redis, self.model)
             await self._publish_state(now)
             self.timers.next_state_s = now + STATE_EVERY_S
         await asyncio.sleep(LIVENESS_S)
@@ -508,6 +514,7 @@ class ModelBatcher:
             in_flight=len(self.flights), held=len(self.held), suspects=len(self.recovery),
             lanes=self.capacity.lanes, free_lanes=self.capacity.free_lanes(now),
             workers=self.capacity.workers, lead_s=self.lead.value_s,
+            answer_leg_s=self.answer_leg_s,
             lane_free_in_s=self.capacity.free_in_s(now))
         await self.redis.set(keys.batcher_state(self.model), json.dumps(state),
                              ex=keys.BATCHER_STATE_TTL_S)

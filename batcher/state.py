@@ -82,14 +82,15 @@ class BatcherStats:
 
 def published_state(*, snap: PolicySnapshot, stats: BatcherStats, now: float, batcher: str,
                     in_flight: int, held: int, suspects: int, lanes: int, free_lanes: int,
-                    workers: int, lead_s: float, lane_free_in_s: float = 0.0
-                    ) -> dict[str, object]:
+                    workers: int, lead_s: float, lane_free_in_s: float = 0.0,
+                    answer_leg_s: float = 0.0) -> dict[str, object]:
     """The JSON snapshot of a model's batcher."""
     return {
         "a_s": snap.a_s, "b_s": snap.b_s, "overhead_s": snap.extra.get("overhead_s"),
         "avg_wait_ms": snap.avg_wait_ms, "in_flight": in_flight,
         "queue_rows": snap.queue_rows, "held": held, "suspects": suspects, "lanes": lanes,
         "slots": lanes, "free_lanes": free_lanes, "lead_ms": 1000 * lead_s,
+        "answer_leg_ms": 1000 * answer_leg_s,
         # For the gateway's ETAs: until a busy lane is expected free (0 with a free lane).
         "lane_free_in_ms": 1000 * lane_free_in_s,
         "workers": workers, "warning": snap.warning, "batcher": batcher,

@@ -31,6 +31,7 @@ from gateway.waiters import CompletionWaiters
 from gateway.webhook_targets import TargetPolicy
 from gateway.webhooks import READ_BLOCK_S, WebhookDeliverer
 from shared import tracing
+from shared.answerleg import AnswerLegs
 from shared.errors import AsyncInferError, InvalidInput, NotFound, QueueFull, Unavailable
 from shared.jobs import FINAL_STATUSES, Job, JobMetrics, iso, new_job_id
 from shared.modelspec import ModelSpec, load_specs
@@ -70,7 +71,9 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
                          max_attempts=settings.max_attempts, mux=mux)
         webhooks = WebhookDeliverer(connect(settings, block_s=READ_BLOCK_S), settings, targets)
         webhooks.start()
-        waiters = CompletionWaiters(connect(settings, block_s=3600))
+        legs = AnswerLegs(redis)
+        legs.start()
+        waiters = CompletionWaiters(connect(settings, block_s=3600), legs)
         waiters.start()
         metrics = GatewayMetrics(redis, specs)
         app.state.deps = Deps(settings, specs, store, waiters, keys, metrics, targets,
@@ -86,6 +89,7 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
         with contextlib.suppress(RedisError, OSError):
             await metrics.release()
         await waiters.stop()
+        await legs.stop()
         await webhooks.stop()
         await mux.aclose()
         await redis.aclose()

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.answerleg import AnswerLegs
 from shared.jobs import FINAL_STATUSES, Job
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ class CompletionWaiters:
     """Futures keyed by job id, resolved from the FINAL_CHANNEL subscription with the job's
     record fields, or None when the message carried only the id."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, legs: AnswerLegs | None = None) -> None:
         self.redis = redis
+        self.legs = legs  # measures the answer leg of the clients that were waiting
         self._waiting: dict[str, set[asyncio.Future[Fields | None]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -161,6 +163,7 @@ class CompletionWaiters:
         apply the caller's access check)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        began_ms = time.time() * 1000
         fresh = self._fresh.get(job_id)
         # Without a read is safe only if no message about the job can have been missed.
         unread = fresh is not None and fresh.epoch == self._epoch and self._live
@@ -168,7 +171,7 @@ class CompletionWaiters:
             if unread and fresh is not None and fresh.record is not None:
                 if fresh.record:  # it finished and the message carried the record
                     del self._fresh[job_id]
-                    return build(json.loads(fresh.record))
+                    return self._answer(build, json.loads(fresh.record), began_ms)
                 unread = False  # it finished, the message carried only the id: read it
             fut: asyncio.Future[Fields | None] = loop.create_future()
             # Register before reading, so a completion between the read and the wait still wakes.
@@ -186,7 +189,7 @@ class CompletionWaiters:
                     return await fetch()
                 if fields is not None:
                     self._fresh.pop(job_id, None)
-                    return build(fields)
+                    return self._answer(build, fields, began_ms)
                 unread = False  # woken without a record: read it
             finally:
                 waiting = self._waiting.get(job_id)
@@ -194,3 +197,11 @@ class CompletionWaiters:
                     waiting.discard(fut)
                     if not waiting:
                         del self._waiting[job_id]
+
+    def _answer(self, build: Callable[[Fields], Job], fields: Fields, began_ms: float) -> Job:
+        job = build(fields)
+        finished_ms = fields.get("finished_ms")
+        # Only a job that finished while its client waited measures the answer leg.
+        if self.legs is not None and finished_ms and float(finished_ms) >= began_ms:
+            self.legs.observe(job.model, float(finished_ms), time.time() * 1000)
+        return job

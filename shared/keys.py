@@ -169,6 +169,16 @@ def job_latencies(model: str) -> str:
     return f"{PREFIX}:latency:{model}"
 
 
+def answer_leg(model: str) -> str:
+    """Hash gateway process -> its 90th percentile of the model's answer leg, final write to the
+    answer of a waiting client (expiring entries, see shared.answerleg)."""
+    return f"{PREFIX}:answer-leg:{model}"
+
+
+# A gateway that stopped answering (or died) stops counting this long after its last publish.
+ANSWER_LEG_TTL_S = 30
+
+
 def metrics_exporter() -> str:
     """Which gateway replica exports the system-wide series on /metrics (its process id),
     renewed at each of its scrapes: one exporter, so summing over replicas never counts twice."""

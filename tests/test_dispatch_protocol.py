@@ -235,6 +235,32 @@ max_latency_ms = {budget_ms}
     assert abs(sim.mean_batch_rows - live) <= 0.2 * live
 
 
+def test_the_answer_leg_the_gateway_measures_is_in_the_overhead_the_batcher_plans_with(
+        procs: Procs, settings: Settings) -> None:
+    url = procs.serving()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+
+    def state() -> dict[str, Any]:
+        raw = r.get(keys.batcher_state("synthetic"))
+        return json.loads(raw) if raw else {}
+
+    def answered(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for i in range(n):  # each client waits: each answer measures the leg
+                resp = client.post("/v1/models/synthetic/jobs", json={"input": {"x": i}},
+                                   headers={"Prefer": "wait=10"})
+                assert resp.status_code == 200, resp.text
+
+    answered(20)
+    wait_until(lambda: state().get("answer_leg_ms", 0) > 0, 10, "the answer leg in the state")
+    answered(40)  # more than the overhead's window: every sample now carries the leg
+    time.sleep(1.5)  # one state publish
+    now = state()
+    leg_ms, overhead_ms = now["answer_leg_ms"], 1000 * now["overhead_s"]
+    assert 0 < leg_ms < 100
+    assert overhead_ms > leg_ms, now
+
+
 @pytest.fixture(autouse=True)
 def _no_stopped_children(procs: Procs) -> Any:
     yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 
 from gateway.waiters import CompletionWaiters
 from shared import keys
+from shared.answerleg import AnswerLegs
 from shared.jobs import Job
 from shared.redisserver import RedisServer
 from shared.store import JobStore
@@ -107,3 +109,35 @@ async def test_a_job_not_submitted_here_is_read_first(waiters: CompletionWaiters
     reads = Reads()
     job = await waiters.wait("j1", reads, 0.1, build)
     assert reads.count >= 1 and job.status == "queued"
+
+
+async def test_only_a_client_that_was_waiting_measures_the_answer_leg(
+        redis_server: RedisServer) -> None:
+    legs = AnswerLegs(aioredis.Redis.from_url(redis_server.url))
+    w = CompletionWaiters(aioredis.Redis.from_url(redis_server.url, decode_responses=True), legs)
+    w.start()
+    try:
+        for _ in range(200):
+            if w._live:
+                break
+            await asyncio.sleep(0.01)
+        # Finished long before anyone asked: no sample.
+        w.note_submitted(["j1"])
+        publish(redis_server.url, "j1\n" + json.dumps(RECORD))
+        for _ in range(100):
+            if w._fresh["j1"].record:
+                break
+            await asyncio.sleep(0.01)
+        assert (await w.wait("j1", Reads(), 5, build)).status == "succeeded"
+        assert legs.high_ms("m") is None
+        # Finished while its client waited: one sample, final write to answer.
+        waiting = asyncio.create_task(w.wait("j2", Reads(), 5, build))
+        await asyncio.sleep(0.05)
+        finished_ms = time.time() * 1000
+        record = {**RECORD, "id": "j2", "finished_ms": str(int(finished_ms))}
+        publish(redis_server.url, "j2\n" + json.dumps(record))
+        assert (await waiting).status == "succeeded"
+        high = legs.high_ms("m")
+        assert high is not None and 0 <= high < 1_000
+    finally:
+        await w.stop()
