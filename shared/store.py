@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from shared import keys, scripts
 from shared.errors import Conflict, Fenced, NotFound, QueueFull
@@ -268,11 +269,19 @@ class JobStore:
         if report is None:
             replies = await self._finish(keys=job_keys, args=args)
         else:
+            # EVALSHA queued by hand: a Script object in a pipeline makes redis-py send SCRIPT
+            # EXISTS first, a second round trip on every lone job's path.
             pipe = self.redis.pipeline(transaction=False)
             pipe.xadd(report[0], dict(report[1]), maxlen=keys.COMPLETIONS_MAXLEN,  # type: ignore[arg-type]
                       approximate=True)
-            await self._finish(keys=job_keys, args=args, client=pipe)  # queued in the pipe
-            _, replies = await pipe.execute()
+            pipe.evalsha(self._finish.sha, len(job_keys), *job_keys, *args)
+            added, replies = await pipe.execute(raise_on_error=False)
+            if isinstance(added, Exception):
+                raise added
+            if isinstance(replies, NoScriptError):  # a restarted Redis: load it, once
+                replies = await self._finish(keys=job_keys, args=args)
+            elif isinstance(replies, Exception):
+                raise replies
         if isinstance(replies, bytes | str):
             raise Fenced(_s(replies))
         return [int(r) == 1 for r in replies]

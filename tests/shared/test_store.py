@@ -65,3 +65,26 @@ async def test_a_started_job_leaves_its_due_set_once(redis: aioredis.Redis) -> N
     done = await store.submit(MODEL, [NewJob(json.dumps({"x": 2}))], max_queue=100)
     await store.finish([Outcome(done.ids[0], "expired", error={"type": "expired"})])
     assert await redis.zscore(normal, done.ids[0]) is None
+
+
+async def test_a_lone_jobs_final_write_and_lane_report_are_one_round_trip(
+        redis: aioredis.Redis) -> None:
+    """No SCRIPT EXISTS before it (redis-py sends one for a Script queued in a pipeline), and a
+    Redis that lost its script cache (a restart) still gets the write, and the report once."""
+    store = JobStore(redis, result_ttl_s=60, job_ttl_s=60)
+    report = (keys.completions(MODEL), {"batch": "b1"})
+    for flushed in (False, True):
+        done = await store.submit(MODEL, [NewJob(json.dumps({"x": 1}))], max_queue=100)
+        [job_id] = done.ids
+        await redis.delete(keys.completions(MODEL))
+        if flushed:
+            await redis.script_flush()
+        await redis.config_resetstat()
+        stuck = await store.finish([Outcome(job_id, "succeeded", output_json='{"y": 1}')],
+                                   report=report)
+        assert stuck == [True]
+        calls = await _calls(redis)
+        assert "script|exists" not in calls, calls
+        assert calls.get("xadd") == 1, calls  # the report, never twice
+        assert (await redis.hget(keys.job(job_id), "status")) == "succeeded"
+        assert await redis.xlen(keys.completions(MODEL)) == 1
