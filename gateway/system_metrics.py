@@ -55,7 +55,7 @@ BATCHER_GAUGES: tuple[tuple[str, str, str, float], ...] = (
     ("asyncinfer_batcher_overhead_seconds", "Fitted time around a predict (dispatch, tail, answer)",
      "overhead_s", 1),
     ("asyncinfer_batcher_answer_leg_seconds", "Final write to the answer of a waiting client, "
-     "90th percentile of the slowest gateway", "answer_leg_ms", 1e-3),
+     "99th percentile of the slowest gateway", "answer_leg_ms", 1e-3),
     ("asyncinfer_batcher_lead_seconds", "Dispatch to predict start as the batcher sees it, "
      "smoothed", "lead_ms", 1e-3),
     ("asyncinfer_batcher_handoff_median_seconds", "Median over the last 50 batches of the "

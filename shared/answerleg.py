@@ -4,12 +4,15 @@ already waiting for it (the completion message, the gateway's event loop, the re
 The batcher plans every promise about a job's latency (CORK's waits, shed mode's p99) from what
 it sees: the submit stamp, the hand-off, the predict and the worker's final write. The client
 sees one more leg, and under overload it is the one that grows (the gateway's loop is busy with
-the submits being refused). So each gateway measures it where it ends and publishes its 90th
+the submits being refused). So each gateway measures it where it ends and publishes its 99th
 percentile per model (`keys.answer_leg`, one expiring entry per gateway process), and the batcher
 adds the slowest live gateway's figure to the overhead it plans with.
 
 Only answers to a waiting client count (a long-poll or `Prefer: wait` woken by the completion
 message): a client that asks long after its job finished says nothing about this leg.
+
+The 99th percentile, not the median: under overload nearly every served job is planned to finish
+just inside its budget, so the served p99 is the plan plus the tail of this leg.
 """
 
 from __future__ import annotations
@@ -58,12 +61,12 @@ class AnswerLegs:
         self._changed.add(model)
 
     def high_ms(self, model: str) -> float | None:
-        """The 90th percentile of the model's window; None before any sample."""
+        """The 99th percentile of the model's window; None before any sample."""
         samples = self._samples.get(model)
         if not samples:
             return None
         ordered = sorted(samples)
-        return ordered[min(len(ordered) - 1, (len(ordered) * 9) // 10)]
+        return ordered[min(len(ordered) - 1, (len(ordered) * 99) // 100)]
 
     async def publish(self) -> None:
         """Write the percentile of every model whose window changed since the last publish."""
@@ -72,7 +75,7 @@ class AnswerLegs:
             high = self.high_ms(model)
             if high is not None:
                 await expiring.put(self.redis, keys.answer_leg(model), self.field,
-                                   {"p90_ms": round(high, 3)}, ttl_s=keys.ANSWER_LEG_TTL_S)
+                                   {"p99_ms": round(high, 3)}, ttl_s=keys.ANSWER_LEG_TTL_S)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._forever(), name="answer-leg-publisher")
@@ -105,7 +108,7 @@ class AnswerLegs:
 
 
 async def answer_leg_s(redis: aioredis.Redis, model: str) -> float:
-    """The slowest live gateway's 90th percentile of the model's answer leg, in seconds (0 when no
+    """The slowest live gateway's 99th percentile of the model's answer leg, in seconds (0 when no
     gateway has measured one lately)."""
     entries = await expiring.live(redis, keys.answer_leg(model))
-    return max((float(e.get("p90_ms", 0.0)) for e in entries), default=0.0) / 1000
+    return max((float(e.get("p99_ms", 0.0)) for e in entries), default=0.0) / 1000

@@ -170,7 +170,7 @@ def job_latencies(model: str) -> str:
 
 
 def answer_leg(model: str) -> str:
-    """Hash gateway process -> its 90th percentile of the model's answer leg, final write to the
+    """Hash gateway process -> its 99th percentile of the model's answer leg, final write to the
     answer of a waiting client (expiring entries, see shared.answerleg)."""
     return f"{PREFIX}:answer-leg:{model}"
 
