@@ -67,29 +67,51 @@ LONE_JOB = """## Where a lone job's time goes
 
 One client, one job at a time, the stack idle otherwise, the MLP and synthetic one-client runs
 of the tables above: legs from the job record's timestamps (`created`, `started`, `finished`,
-whole milliseconds, so each leg is ±1 ms) and the client, p50:
+whole milliseconds, so each leg is ±1 ms) and the client, p50 (the two repeats):
 
-| leg | synthetic (12 ms model) | MLP (1.7 ms batch of one) |
+| leg | synthetic (12 ms model) | MLP (1.4 ms batch of one) |
 |---|---|---|
 | client to the job written (HTTP in, validation, SUBMIT) | < 0.5 ms | < 0.5 ms |
 | written to started (batcher read, CORK, DISPATCH, Celery hand-off, START) | 2 ms | 2-3 ms |
-| started to finished (preprocess, predict, postprocess, final write) | 13 ms | 3 ms |
-| final write to the client (PUBLISH, waiter, HTTP out) | 2.3 ms | 1.9-2.1 ms |
-| end to end | 17.4 ms | 7.4 ms (`Prefer: wait`), 7.9 ms (submit + long-poll) |
+| started to finished (preprocess, predict, postprocess, final write) | 13 ms | 4-5 ms |
+| final write to the client (PUBLISH, waiter, HTTP out) | 1.8-2.0 ms | 1.8-2.1 ms |
+| end to end | 16.9-17.3 ms | 7.6-9.4 ms |
 
-So a lone job costs its model plus 5-6 ms here, against the 3 ms issue 16 asks for. What was
-removed on the way (each measured): the pool-thread hop (a `solo` pool with a hand-over task), a
-compute-thread hop per stage for a one-job batch (one hop for preprocess, predict and
-postprocess), the lane report's round trip (it rides with the final write), Celery's ack of each
-batch (the worker's queue is consumed without acks, and its task's request sends none: kombu's
-Redis transport otherwise still ran an empty MULTI/ZREM/HDEL/EXEC per message), `saferepr` of
-every batch's job ids (140 to 48 µs a dispatch), and asyncio's loop for uvloop's. What is left
-is structural: Celery's own consumer path alone costs 1.4 ms per message on this machine
-(measured with a bare Celery app and `LPUSH`, no asyncinfer code), and a job crosses four
-processes and five Redis round trips (submit, the batcher's read, dispatch, start, final write
-with its publish) on two shared cores.
+Finer, from sub-millisecond stamps added by hand for one run and taken out again: the MLP, one
+client, `Prefer: wait`, `asyncinfer up` as it comes (Redis with `appendfsync always`), p50 of
+1,429 jobs. The gateway's handler saw 6.25 ms from its start to its answer; the client 6.86 ms.
 
-## Hot path, second round (this change)
+| leg | p50 |
+|---|---|
+| gateway: read and parse the body, validate, SUBMIT (one script, fsynced) | 0.79 ms |
+| the entry reaches the batcher (its blocking XREADGROUP returns) | 0.06 ms |
+| CORK's decision and the choice of a lane | 0.23 ms |
+| DISPATCH: the Celery message (40 µs to build) and one fenced script, fsynced | 0.90 ms |
+| Celery: the worker's BRPOP returns, to the task's body | 0.25 ms |
+| the task hands the batch to the worker's event-loop thread | 0.41 ms |
+| START (one script, fsynced) | 0.60 ms |
+| compute-thread hop, preprocess, predict, postprocess | 2.16 ms |
+| final write with the lane report; its publish reaches the waiting gateway | 0.88 ms |
+
+So a lone job costs its model plus 4-6 ms here, against the 3 ms issue 16 asks for. The last
+leg lost a whole round trip in this change: redis-py sends `SCRIPT EXISTS` before executing any
+pipeline that holds a Script object, and a lone job's final write was such a pipeline (its lane
+report rides with it); the script is now queued as a plain `EVALSHA` and loaded by hand on
+`NOSCRIPT`. The client's p50 in the instrumented run went from 8.05 to 6.86 ms. Removed before
+(each measured): the pool-thread hop (a `solo` pool with a hand-over task), a compute-thread hop
+per stage for a one-job batch, the lane report's own round trip, Celery's ack of each batch (the
+worker's queue is consumed without acks, and its task's request sends none), `saferepr` of every
+batch's job ids, and asyncio's loop for uvloop's.
+
+What is left is structural. Four writes each wait for an fsync before Redis answers (an `INCR`
+takes 0.26 ms here against 0.10 ms for a `PING`, from asyncio): that is the price of an
+answered 202 surviving a kill of Redis, and Redis 7.0 has no `WAITAOF` to fsync the submit
+alone. Tried and dropped, no change measured: a shorter GIL switch interval in the worker, and
+yielding the GIL after the hand-over to the event-loop thread. A job crosses four processes, five
+Redis round trips and three threads of the worker on two shared cores; BentoML's lone request is
+one HTTP call into the process that runs the model.
+
+## Hot path, second round
 
 `python -m bench.profile_hotpath --before <the previous commit> --repeats 2` (medians of
 alternating runs, same machine, same session; raw JSON in
