@@ -70,6 +70,9 @@ class _Fifo:
     def forget(self, batch_id: str) -> None:
         self._in_flight.discard(batch_id)
 
+    def answer_leg(self, seconds: float) -> None:
+        pass  # no latency promise to keep
+
     def predict_s(self, rows: int) -> float:
         return self._last_s * rows  # no fit: the last batch's time per row
 
@@ -271,6 +274,9 @@ class ReferenceCork:
         sent = self._sent.pop(batch_id, None)
         if sent is not None:
             sent.dispatcher.in_flight = None
+
+    def answer_leg(self, seconds: float) -> None:
+        pass  # the reference's shed estimate knows no such leg
 
     def predict_s(self, rows: int) -> float:
         opt = self._dispatchers[0].optimizer

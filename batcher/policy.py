@@ -134,6 +134,10 @@ class BatchingPolicy(Protocol):
     def forget(self, batch_id: str) -> None:
         """A released batch will never report (its worker died); stop counting it in flight."""
 
+    def answer_leg(self, seconds: float) -> None:
+        """The leg after a job's final write that only the gateways see (`shared.answerleg`),
+        as they last measured it: a promise about the client's time (shed mode) adds it."""
+
     def predict_s(self, rows: int) -> float:
         """Expected predict span of a batch of `rows` rows: how long it holds a lane."""
 

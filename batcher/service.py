@@ -101,7 +101,8 @@ class ModelBatcher:
         self.dispatcher = Dispatcher(redis, self.streams, celery, lease, stale_ms)
         self.capacity = Capacity()
         self.lead = Overhead()  # dispatch to predict start, as seen from here
-        # Final write to the answer of a waiting client, as the gateways measure it.
+        # Final write to the answer of a waiting client, as the gateways measure it (the
+        # policy's shed plan adds it).
         self.answer_leg_s = 0.0
         self.recovery = Recovery(self.policy.batch_cost_s)
         self.held: dict[str, Entry] = {}  # entry key -> entry, read and not dispatched
@@ -232,8 +233,7 @@ class ModelBatcher:
     def _on_report(self, fields: dict[str, str]) -> None:
         """A worker says a batch's predict is over (or failed, or timed out): its lane is free.
         The batch's latency feeds the fit: the predict span the worker measured, plus the fixed
-        overhead its jobs' clients see (everything from dispatch but the predict and its
-        queueing, and the answer leg after the final write that only the gateways see)."""
+        overhead seen from here (everything from dispatch but the predict and its queueing)."""
         batch_id, worker = fields.get("batch", ""), fields.get("worker", "")
         self.capacity.reported(worker, batch_id, self.clock())
         flight = self.flights.pop(batch_id, None)
@@ -258,8 +258,7 @@ class ModelBatcher:
         self.lead.observe(lead_s)
         self.capacity.lead_s = self.lead.value_s
         if flight.policy_batch is not None:
-            self.policy.on_complete(flight.policy_batch, flight.rows, predict_s,
-                                    lead_s + tail_s + self.answer_leg_s)
+            self.policy.on_complete(flight.policy_batch, flight.rows, predict_s, lead_s + tail_s)
         handoff = fields.get("handoff_ms")
         self.stats.done(now, flight.rows, float(handoff) if handoff else None)
 
@@ -282,6 +281,7 @@ class ModelBatcher:
             await self._sweep_own()
         if now >= self.timers.next_state_s:
             self.answer_leg_s = await answer_leg_s(self.redis, self.model)
+            self.policy.answer_leg(self.answer_leg_s)
             await self._publish_state(now)
             self.timers.next_state_s = now + STATE_EVERY_S
         await asyncio.sleep(LIVENESS_S)

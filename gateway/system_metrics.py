@@ -52,7 +52,7 @@ BATCHER_GAUGES: tuple[tuple[str, str, str, float], ...] = (
      "a_s", 1),
     ("asyncinfer_batcher_batch_cost_seconds", "Fitted fixed cost of a batch (b of a*n+b)",
      "b_s", 1),
-    ("asyncinfer_batcher_overhead_seconds", "Fitted time around a predict (dispatch, tail, answer)",
+    ("asyncinfer_batcher_overhead_seconds", "Fitted time around a predict (dispatch, tail)",
      "overhead_s", 1),
     ("asyncinfer_batcher_answer_leg_seconds", "Final write to the answer of a waiting client, "
      "99th percentile of the slowest gateway", "answer_leg_ms", 1e-3),

@@ -10,6 +10,7 @@ needs no read of Redis at all: it answers from the message already received, or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -163,7 +164,6 @@ class CompletionWaiters:
         apply the caller's access check)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        began_ms = time.time() * 1000
         fresh = self._fresh.get(job_id)
         # Without a read is safe only if no message about the job can have been missed.
         unread = fresh is not None and fresh.epoch == self._epoch and self._live
@@ -171,7 +171,7 @@ class CompletionWaiters:
             if unread and fresh is not None and fresh.record is not None:
                 if fresh.record:  # it finished and the message carried the record
                     del self._fresh[job_id]
-                    return self._answer(build, json.loads(fresh.record), began_ms)
+                    return build(json.loads(fresh.record))
                 unread = False  # it finished, the message carried only the id: read it
             fut: asyncio.Future[Fields | None] = loop.create_future()
             # Register before reading, so a completion between the read and the wait still wakes.
@@ -189,7 +189,7 @@ class CompletionWaiters:
                     return await fetch()
                 if fields is not None:
                     self._fresh.pop(job_id, None)
-                    return self._answer(build, fields, began_ms)
+                    return self._woken(build, fields)
                 unread = False  # woken without a record: read it
             finally:
                 waiting = self._waiting.get(job_id)
@@ -198,10 +198,12 @@ class CompletionWaiters:
                     if not waiting:
                         del self._waiting[job_id]
 
-    def _answer(self, build: Callable[[Fields], Job], fields: Fields, began_ms: float) -> Job:
+    def _woken(self, build: Callable[[Fields], Job], fields: Fields) -> Job:
+        """The job from the final message that woke its waiting client: a sample of the
+        answer leg (only such a client was waiting when the job finished)."""
         job = build(fields)
         finished_ms = fields.get("finished_ms")
-        # Only a job that finished while its client waited measures the answer leg.
-        if self.legs is not None and finished_ms and float(finished_ms) >= began_ms:
-            self.legs.observe(job.model, float(finished_ms), time.time() * 1000)
+        if self.legs is not None and finished_ms:
+            with contextlib.suppress(ValueError):
+                self.legs.observe(job.model, float(finished_ms), time.time() * 1000)
         return job

@@ -20,6 +20,7 @@ import redis
 
 from asyncinfer.loadgen import SteadyLoad
 from shared import keys
+from shared.answerleg import MAX_SAMPLE_MS
 from shared.redisserver import RedisServer
 from shared.settings import Settings
 from tests.conftest import MODELS, Procs, wait_until, workers_ready
@@ -235,7 +236,7 @@ max_latency_ms = {budget_ms}
     assert abs(sim.mean_batch_rows - live) <= 0.2 * live
 
 
-def test_the_answer_leg_the_gateway_measures_is_in_the_overhead_the_batcher_plans_with(
+def test_the_answer_leg_the_gateway_measures_reaches_the_batcher(
         procs: Procs, settings: Settings) -> None:
     url = procs.serving()
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
@@ -251,14 +252,9 @@ def test_the_answer_leg_the_gateway_measures_is_in_the_overhead_the_batcher_plan
                                    headers={"Prefer": "wait=10"})
                 assert resp.status_code == 200, resp.text
 
-    answered(20)
+    answered(40)  # past the least a gateway publishes (answerleg.MIN_SAMPLES)
     wait_until(lambda: state().get("answer_leg_ms", 0) > 0, 10, "the answer leg in the state")
-    answered(40)  # more than the overhead's window: every sample now carries the leg
-    time.sleep(1.5)  # one state publish
-    now = state()
-    leg_ms, overhead_ms = now["answer_leg_ms"], 1000 * now["overhead_s"]
-    assert 0 < leg_ms < 100
-    assert overhead_ms > leg_ms, now
+    assert state()["answer_leg_ms"] < MAX_SAMPLE_MS
 
 
 @pytest.fixture(autouse=True)

@@ -226,6 +226,28 @@ def overloaded(clock: FakeClock, mode: str) -> tuple[CorkPolicy, float]:
     return p, t
 
 
+@pytest.mark.parametrize(("leg_s", "slack_s", "shed"), [
+    (0.0, 0.001, False), (0.002, 0.001, True), (10.0, 0.049, True), (10.0, 0.051, False)])
+def test_the_shed_plan_adds_the_answer_leg_up_to_a_quarter_of_the_budget(
+        leg_s: float, slack_s: float, shed: bool) -> None:
+    """The gateways' answer leg (shared.answerleg) is time the client waits after the final
+    write: a job that makes its budget without it but not with it is shed. A leg past a quarter
+    of the budget (50 ms here) counts as a quarter: a sick gateway must not make the model shed
+    everything."""
+    clock = FakeClock()
+    p, t = overloaded(clock, "shed")
+    p.answer_leg(leg_s)
+    # Queued behind the in-flight batch: ends at t + 84 ms + 22 ms, then the leg.
+    p.add(item("x", t + 0.084 + 0.022 - 0.200 + slack_s))
+    clock.now = t + 0.010
+    d = p.decide(0)
+    if shed:
+        assert isinstance(d, Shed) and d.reason == "overloaded"
+        assert [e.entry_id for e in d.entries] == ["x"]
+    else:
+        assert isinstance(d, Wait)
+
+
 @pytest.mark.parametrize("margin", [-0.001, 0.001])
 def test_shed_exactly_when_the_estimate_with_the_in_flight_remainder_crosses_the_budget(
     margin: float,

@@ -106,6 +106,9 @@ class _Greedy:
     def forget(self, batch_id: str) -> None:
         pass
 
+    def answer_leg(self, seconds: float) -> None:
+        pass
+
     def predict_s(self, rows: int) -> float:
         return 0.0
 

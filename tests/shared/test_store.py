@@ -73,6 +73,7 @@ async def test_a_lone_jobs_final_write_and_lane_report_are_one_round_trip(
     Redis that lost its script cache (a restart) still gets the write, and the report once."""
     store = JobStore(redis, result_ttl_s=60, job_ttl_s=60)
     report = (keys.completions(MODEL), {"batch": "b1"})
+    await store.finish([Outcome("warm", "succeeded", output_json="1")])  # the script loaded
     for flushed in (False, True):
         done = await store.submit(MODEL, [NewJob(json.dumps({"x": 1}))], max_queue=100)
         [job_id] = done.ids
@@ -86,5 +87,7 @@ async def test_a_lone_jobs_final_write_and_lane_report_are_one_round_trip(
         calls = await _calls(redis)
         assert "script|exists" not in calls, calls
         assert calls.get("xadd") == 1, calls  # the report, never twice
+        if not flushed:  # one EVALSHA, nothing loaded
+            assert calls.get("evalsha") == 1 and "script|load" not in calls, calls
         assert (await redis.hget(keys.job(job_id), "status")) == "succeeded"
         assert await redis.xlen(keys.completions(MODEL)) == 1
