@@ -337,8 +337,10 @@ class CorkPolicy:
         next_miss = math.inf
         # The promise is about served jobs' p99: a batch counts as late if it would be with
         # a high overhead, not a typical one, and the answer's last leg on top (under overload
-        # nearly every served job is planned just inside its budget).
-        overhead = self._overhead.high_s + self._answer_leg_s
+        # nearly every served job is planned just inside its budget). Never more than half the
+        # budget: past that the estimate is a stall, and a plan that sheds everything completes
+        # no batch that could correct it.
+        overhead = min(self._overhead.high_s + self._answer_leg_s, self._budget_s / 2)
         while order:
             start, base = heapq.heappop(slots)
             batch = take_batch(order, self._max_rows)

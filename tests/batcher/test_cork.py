@@ -248,6 +248,23 @@ def test_the_shed_plan_adds_the_answer_leg_up_to_a_quarter_of_the_budget(
         assert isinstance(d, Wait)
 
 
+def test_a_stalled_overhead_never_makes_the_plan_shed_everything() -> None:
+    """One batch whose overhead was a stall (10 s) would, planned as is, shed every request; no
+    batch would then complete to push it out of the window. The plan counts at most half the
+    budget for overhead and answer leg together."""
+    clock = FakeClock()
+    p = make(clock, max_batch_size=32, max_latency_ms=200.0, on_overload="shed")
+    calibrate(p, clock)
+    clock.now += 1.0
+    p.add(item("s", clock.now))
+    d = release(p.decide(1))
+    p.on_complete(d.batch_id, d.rows, A * d.rows + B, 10.0)
+    p.answer_leg(10.0)
+    clock.now += 1.0
+    p.add(item("x", clock.now))  # a free lane: 22 ms of predict, 100 ms of overhead at most
+    assert release(p.decide(1)).rows == 1
+
+
 @pytest.mark.parametrize("margin", [-0.001, 0.001])
 def test_shed_exactly_when_the_estimate_with_the_in_flight_remainder_crosses_the_budget(
     margin: float,

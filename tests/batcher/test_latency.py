@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from batcher.latency import ArrivalRate, LatencyModel
+from batcher.latency import ArrivalRate, LatencyModel, Overhead
 
 
 class FakeClock:
@@ -138,3 +138,16 @@ def test_arrival_rate_follows_the_gaps_and_notices_a_silence() -> None:
     # One gap of twice the mean barely moves it; a long silence does.
     assert rate.mean_gap_s(1.99 + 0.020) < 0.012
     assert rate.mean_gap_s(1.99 + 1.0) > 0.1
+
+
+def test_the_overheads_high_is_the_highest_of_its_window() -> None:
+    """Every job of a batch shares the batch's overhead: planning a p99 promise with anything
+    below the window's highest lets a tenth of the jobs be late when one batch in ten is."""
+    overhead = Overhead(window=31)
+    for i in range(31):
+        overhead.observe(0.020 if i in (0, 15) else 0.001)  # 2 slow batches of 31, under 10%
+    assert overhead.value_s == 0.001
+    assert overhead.high_s == 0.020
+    for _ in range(31):  # the slow ones leave the window
+        overhead.observe(0.002)
+    assert overhead.high_s == 0.002
