@@ -72,10 +72,14 @@ whole milliseconds, so each leg is ±1 ms) and the client, p50 (the two repeats)
 | leg | synthetic (12 ms model) | MLP (1.4 ms batch of one) |
 |---|---|---|
 | client to the job written (HTTP in, validation, SUBMIT) | < 0.5 ms | < 0.5 ms |
-| written to started (batcher read, CORK, DISPATCH, Celery hand-off, START) | 2 ms | 2-3 ms |
-| started to finished (preprocess, predict, postprocess, final write) | 13 ms | 4-5 ms |
-| final write to the client (PUBLISH, waiter, HTTP out) | 1.8-2.0 ms | 1.8-2.1 ms |
-| end to end | 16.9-17.3 ms | 7.6-9.4 ms |
+| written to started (batcher read, CORK, DISPATCH, Celery hand-off, START) | 3 ms | 2-3 ms |
+| started to finished (preprocess, predict, postprocess, final write) | 14 ms | 4 ms |
+| final write to the client (PUBLISH, waiter, HTTP out) | 2.5-2.7 ms | 1.8-2.0 ms |
+| end to end | 19.6-19.9 ms | 7.5-8.6 ms |
+
+The synthetic model's phase of this run ran on a slowed machine: the same path cost every
+process 30-40% more CPU per job than in a full run 20 minutes earlier (worker 1.5 against
+1.1 ms, batcher 1.2 against 0.9 ms), whose one-client p50 was 17.5-17.9 ms.
 
 Finer, from sub-millisecond stamps added by hand for one run and taken out again: the MLP, one
 client, `Prefer: wait`, `asyncinfer up` as it comes (Redis with `appendfsync always`), p50 of
