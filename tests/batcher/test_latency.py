@@ -8,14 +8,7 @@ import random
 import pytest
 
 from batcher.latency import ArrivalRate, LatencyModel, Overhead
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import FakeClock
 
 
 def model(clock: FakeClock, **kwargs: float) -> LatencyModel:

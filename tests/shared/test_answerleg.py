@@ -9,14 +9,7 @@ from redis.exceptions import RedisError
 from shared import expiring, keys
 from shared.answerleg import MAX_SAMPLE_MS, MIN_SAMPLES, WINDOW_S, AnswerLegs, answer_leg_s
 from shared.redisserver import RedisServer
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import FakeClock
 
 
 def test_the_figure_is_the_99th_percentile_of_the_recent_answers() -> None:
