@@ -125,6 +125,7 @@ import redis.asyncio as aioredis
 import gateway.inputs as inputs
 from shared.model import ModelContext
 from shared.modelspec import load_specs
+from shared import keys
 from shared.store import JobStore, NewJob
 from workers.runtime import BatchRequest, ModelRuntime
 assert inputs.__file__.startswith(code), inputs.__file__
@@ -143,14 +144,20 @@ out["parse_us"] = (time.perf_counter() - t) / 3000 * 1e6
 async def batches():
     r = aioredis.Redis.from_url(url, decode_responses=True)
     store = JobStore(r, result_ttl_s=60, job_ttl_s=60)
+    consumer = keys.worker_consumer("micro")
     rt = ModelRuntime(spec, ModelContext(model="mlp", worker_index=1, device="cpu",
-                                         worker_name="micro"), store)
+                                         worker_name="micro"), store, consumer=consumer)
     rt.load()
     job = parse()[0]
+    streams = {s: ">" for s in keys.streams("mlp")}
+    for s in streams:
+        await r.xgroup_create(s, keys.BATCHER_GROUP, id="0", mkstream=True)
     for n in (1, 16, 64):
         times = []
         for i in range(220 if n < 64 else 80):
             sub = await store.submit("mlp", [job] * n, max_queue=10**9)
+            # Held by the worker's consumer, as after a dispatch (START runs only those).
+            await r.xreadgroup(keys.BATCHER_GROUP, consumer, streams)
             t0 = time.perf_counter()
             await rt.run_batch(BatchRequest("mlp", f"b{n}-{i}", sub.ids))
             times.append(time.perf_counter() - t0)

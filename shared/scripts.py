@@ -108,7 +108,10 @@ return {'ok', joined, table.concat(positions, ',')}
 
 # One call per batch. KEYS: the batch's job keys. ARGV: now_ms, worker, device, group, consumer
 # (the worker's own), solo ("1" when the batch is one suspect job run alone), max solo deaths,
-# attempt cap, running channel, webhook stream, webhook stream cap.
+# attempt cap, running channel, webhook stream, webhook stream cap, batch id ('' for none).
+# A call repeated for the same batch by the same consumer (its reply was lost to a connection
+# that broke after Redis ran it) answers 'run' again and changes nothing: a Redis outage is not
+# an attempt.
 # A job whose deadline passed before it starts is not run ({'skip', 'deadline'}). A started job
 # leaves its due set; if it is watched (an SSE client) its id is published on the running
 # channel, and a webhook that asked for "running" gets an entry.
@@ -123,7 +126,7 @@ local out = {}
 local solo = ARGV[6] == '1'
 for i, key in ipairs(KEYS) do
   local st = redis.call('HMGET', key, 'status', 'expires_ms', 'stream', 'entry', 'attempts',
-    'solo', 'deadline_ms')
+    'solo', 'deadline_ms', 'batch')
   if not st[1] then
     out[i] = {'missing'}
   elseif st[1] ~= 'queued' and st[1] ~= 'running' then
@@ -140,6 +143,9 @@ for i, key in ipairs(KEYS) do
     end
     if owner ~= ARGV[5] then
       out[i] = {'moved'}
+    elseif st[1] == 'running' and ARGV[12] ~= '' and st[8] == ARGV[12] then
+      local rec = redis.call('HMGET', key, 'input', 'created_ms')
+      out[i] = {'run', tonumber(st[5]), rec[1], rec[2]}
     elseif (solo and tonumber(st[6] or '0') >= tonumber(ARGV[7]))
         or tonumber(st[5] or '0') >= tonumber(ARGV[8]) then
       out[i] = {'poison', tonumber(st[5] or '0')}
@@ -149,7 +155,7 @@ for i, key in ipairs(KEYS) do
       local attempts = redis.call('HINCRBY', key, 'attempts', 1)
       if solo then redis.call('HINCRBY', key, 'solo', 1) end
       redis.call('HSET', key, 'status', 'running', 'started_ms', ARGV[1], 'worker', ARGV[2],
-        'device', ARGV[3])
+        'device', ARGV[3], 'batch', ARGV[12])
       local rec = redis.call('HMGET', key, 'input', 'created_ms', 'dueq', 'id', 'watch', 'hooks',
         'webhook')
       if rec[3] then redis.call('ZREM', rec[3], rec[4]) end

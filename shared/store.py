@@ -217,11 +217,14 @@ class JobStore:
         return await self.get(job_id, owner)
 
     async def start(self, job_ids: Sequence[str], worker: str, device: str, *, consumer: str,
-                    solo: bool = False, attempt_cap: int = 0) -> list[Started]:
+                    solo: bool = False, attempt_cap: int = 0,
+                    batch_id: str = "") -> list[Started]:
         """Mark a batch's jobs running, one script call. The verdict is 'run', 'poison' (run
         alone and took its worker down `max_attempts` times, or past `attempt_cap` runs in
         all), 'moved' (its entry is no longer this worker's `consumer`'s: the batch was taken
-        back), or the status that makes the job skip ('canceled', 'expired', 'missing', ...)."""
+        back), or the status that makes the job skip ('canceled', 'expired', 'missing', ...).
+        Called again with the same `batch_id` by the same consumer (the first reply was lost),
+        jobs it already started answer 'run' with their attempts unchanged."""
         if not job_ids:
             return []
         cap = attempt_cap or 1_000_000
@@ -229,7 +232,7 @@ class JobStore:
             keys=[keys.job(j) for j in job_ids],
             args=[now_ms(), worker, device, keys.BATCHER_GROUP, consumer, "1" if solo else "0",
                   self.max_attempts, cap, keys.RUNNING_CHANNEL, keys.webhooks(),
-                  keys.WEBHOOKS_MAXLEN])
+                  keys.WEBHOOKS_MAXLEN, batch_id])
         out: list[Started] = []
         for job_id, reply in zip(job_ids, replies, strict=True):
             kind = _s(reply[0])

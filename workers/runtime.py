@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 ITEM_LANES = 4  # threads running per-item pre/postprocess at once
 # A predict past its time limit gets this long to finish after all before it counts as stuck.
 STUCK_GRACE_S = 2.0
-# The final write is retried this long through a Redis outage before the batch is given up (its
-# entries, no longer refreshed, then go back to the batcher).
-FINISH_RETRY_S = 30.0
+# The start and the final write are retried this long through a Redis outage before the batch
+# is given up (its entries, no longer refreshed, then go back to the batcher).
+OUTAGE_RETRY_S = 30.0
 REPORT_ATTEMPTS = 5  # a lane report is retried over about 1.5 s
 
 Outcome_ = Literal["ok", "error", "timeout"]
@@ -142,10 +142,12 @@ class ModelRuntime:
         items: list[_Item] = []
         whole = False  # the lone job's stages all ran: report with the final write
         try:
-            starts = await self.store.start(req.job_ids, self.ctx.worker_name,
-                                            self.ctx.device_label or self.ctx.device,
-                                            consumer=self.consumer, solo=req.solo,
-                                            attempt_cap=self.attempt_cap)
+            # Retried, not given up: a START whose reply a dying connection lost may have run,
+            # and a batch given up then comes back as a suspect with one attempt more.
+            starts = await _through_outage("start", len(req.job_ids), lambda: self.store.start(
+                req.job_ids, self.ctx.worker_name, self.ctx.device_label or self.ctx.device,
+                consumer=self.consumer, solo=req.solo, attempt_cap=self.attempt_cap,
+                batch_id=req.batch_id))
             poison: list[Started] = []
             for st in starts:
                 self._sort(st, items, outcomes, report, poison)
@@ -306,20 +308,10 @@ class ModelRuntime:
     async def finish(self, outcomes: list[Outcome],
                      report: dict[str, str] | None = None) -> None:
         """Write final states (and the lane report with them, when given), riding out a Redis
-        outage of up to FINISH_RETRY_S."""
-        deadline = time.monotonic() + FINISH_RETRY_S
-        backoff_s = 0.05
+        outage of up to OUTAGE_RETRY_S (first write wins, so a repeat is harmless)."""
         extra = None if report is None else (keys.completions(self.spec.name), report)
-        while True:
-            try:
-                await self.store.finish(outcomes, report=extra)
-                return
-            except (RedisError, OSError) as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                log.warning("final write failed, retrying jobs=%d error=%s", len(outcomes), exc)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(1.0, backoff_s * 2)
+        await _through_outage("final write", len(outcomes),
+                              lambda: self.store.finish(outcomes, report=extra))
 
     async def _each(self, items: list[_Item], fn: Any, error_kind: str) -> None:
         """Apply a per-item step concurrently; an exception fails that item only.
@@ -424,3 +416,19 @@ class ModelRuntime:
         if report.handoff_ms is not None:
             fields["handoff_ms"] = str(report.handoff_ms)
         return fields
+
+
+async def _through_outage(what: str, jobs: int, call: Callable[[], Awaitable[T]]) -> T:
+    """`call`, retried with backoff through a Redis outage of up to OUTAGE_RETRY_S; only for
+    writes that are safe to repeat."""
+    deadline = time.monotonic() + OUTAGE_RETRY_S
+    backoff_s = 0.05
+    while True:
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s failed, retrying jobs=%d error=%s", what, jobs, exc)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(1.0, backoff_s * 2)

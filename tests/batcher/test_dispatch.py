@@ -164,6 +164,24 @@ async def test_start_refuses_jobs_whose_entries_the_worker_no_longer_owns(
     assert [s.verdict for s in started] == ["run", "moved"]
 
 
+async def test_a_start_repeated_for_its_batch_is_no_new_attempt_and_a_new_batch_is(
+        redis: aioredis.Redis, celery: Celery) -> None:
+    _, _, dispatcher, entries = await _setup(redis, celery, 1)
+    await dispatcher.send("w1", "b1", entries)
+    store = JobStore(redis, result_ttl_s=60, job_ttl_s=60)
+    ids = [entries[0].job_id]
+
+    async def attempts(batch_id: str) -> list[tuple[str, int]]:
+        started = await store.start(ids, "w1", "cpu:0", consumer=keys.worker_consumer("w1"),
+                                    batch_id=batch_id)
+        return [(s.verdict, s.attempts) for s in started]
+
+    assert await attempts("b1") == [("run", 1)]
+    assert await attempts("b1") == [("run", 1)]  # the first reply was lost: a repeat
+    # Sent again in another batch (taken back from this worker, then dispatched to it): a rerun.
+    assert await attempts("b2") == [("run", 2)]
+
+
 async def test_a_fenced_batcher_cannot_finish_jobs(redis: aioredis.Redis, celery: Celery) -> None:
     lease, _, _, entries = await _setup(redis, celery, 1)
     store = JobStore(redis, result_ttl_s=60, job_ttl_s=60)
