@@ -120,6 +120,10 @@ class ModelBatcher:
         self.room = asyncio.Event()  # set when the read-ahead shrinks
         self._last_report = "$"
         self._batch_seq = 0
+        # The term's lease token ("consumer/epoch"), not the consumer alone: a process that wins
+        # the lease again counts batches from 1 again, and a worker's START takes a repeated
+        # batch id for a repeat of the same call (see `scripts.START`).
+        self._batch_prefix = lease.token or consumer
 
     @property
     def model(self) -> str:
@@ -444,7 +448,7 @@ class ModelBatcher:
 
     def _new_batch_id(self, name: str) -> str:
         self._batch_seq += 1
-        return f"{self.consumer}:{name}:{self._batch_seq}"
+        return f"{self._batch_prefix}:{name}:{self._batch_seq}"
 
     async def _dispatch(self, worker: str, batch_id: str, entries: list[Entry], reason: str,
                         policy_batch: str | None, solo: bool = False) -> None:

@@ -198,7 +198,8 @@ class Worker:
         try:
             # predict has its own limit; this outer one also bounds a hung preprocess or
             # postprocess and the wait for a lane behind another batch's predict.
-            report = await asyncio.wait_for(self.runtime.run_batch(req), limit_s * 3)
+            report = await asyncio.wait_for(self.runtime.run_batch(req),
+                                            self.runtime.outer_limit_s())
         except BaseException as exc:
             # A timeout was reported to the batcher as one: always exit after it, even if the
             # stuck thread came back meanwhile, so its jobs return through this death.
@@ -246,8 +247,7 @@ class Worker:
     def _finish_running(self) -> None:
         """After Celery's warm shutdown (it takes no more batches): let the batches it handed
         over finish, within their time limits."""
-        limit_s = 3 * self.spec.options.batch_timeout_s
-        deadline = time.monotonic() + limit_s
+        deadline = time.monotonic() + self.runtime.outer_limit_s()
         while len(self.held) and time.monotonic() < deadline:
             time.sleep(0.05)
         if len(self.held):

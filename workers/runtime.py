@@ -401,6 +401,12 @@ class ModelRuntime:
                     self.spec.name, size, limit_s)
         return out
 
+    def outer_limit_s(self) -> float:
+        """The most one batch may take in all before its worker counts as stuck: a lane wait
+        and a predict (each up to the time limit and its grace), pre- and postprocess, and the
+        start and the final write each riding out a Redis outage (an outage is not a hang)."""
+        return 3 * self.spec.options.batch_timeout_s + 2 * OUTAGE_RETRY_S
+
     def timeout_outcomes(self, req: BatchRequest) -> list[Outcome]:
         limit = self.spec.options.batch_timeout_s
         err = {"type": "timeout", "message": f"the batch ran past its time limit of {limit} s"}

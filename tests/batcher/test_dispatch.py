@@ -10,12 +10,15 @@ import pytest
 import redis.asyncio as aioredis
 from celery import Celery
 
+from batcher.__main__ import cork_policy
 from batcher.dispatch import Dispatcher
 from batcher.lease import Lease
+from batcher.service import ModelBatcher
 from batcher.streams import Entry, ModelStreams
 from shared import keys
 from shared.celeryapp import BATCH_TASK, make_celery
 from shared.errors import Fenced
+from shared.modelspec import load_specs
 from shared.settings import Settings
 from shared.store import JobStore, NewJob, Outcome
 from workers.refresh import HeldEntries
@@ -180,6 +183,35 @@ async def test_a_start_repeated_for_its_batch_is_no_new_attempt_and_a_new_batch_
     assert await attempts("b1") == [("run", 1)]  # the first reply was lost: a repeat
     # Sent again in another batch (taken back from this worker, then dispatched to it): a rerun.
     assert await attempts("b2") == [("run", 2)]
+    # A repeat of a run alone counts no second lone run either.
+    for _ in range(2):
+        await store.start(ids, "w1", "cpu:0", consumer=keys.worker_consumer("w1"), solo=True,
+                          batch_id="b3")
+    assert await redis.hget(keys.job(ids[0]), "solo") == "1"
+    # Taken back and sent to another worker: the old worker's repeat is refused.
+    await redis.xclaim(entries[0].stream, keys.BATCHER_GROUP, "b-one", 0,
+                       [entries[0].entry_id], justid=True)
+    assert await dispatcher.send("w2", "b4", entries) == {entries[0].key}
+    started = await store.start(ids, "w1", "cpu:0", consumer=keys.worker_consumer("w1"),
+                                batch_id="b3")
+    assert [s.verdict for s in started] == ["moved"]
+
+
+async def test_a_batcher_that_wins_its_model_again_never_repeats_a_batch_id(
+        redis: aioredis.Redis, celery: Celery, settings: Settings) -> None:
+    """A worker takes a repeated batch id for a repeat of the same START (not an attempt): the
+    same process in a new term counts its batches from 1 again, under a new prefix."""
+    spec = load_specs(settings.models)["synthetic"]
+    store = JobStore(redis, result_ttl_s=60, job_ttl_s=60)
+    ids = []
+    for _ in range(2):
+        lease = Lease(redis, spec.name, "b-one", ttl_s=5)
+        assert await lease.acquire()
+        batcher = ModelBatcher(settings, spec, redis, redis, celery, store, cork_policy, "b-one",
+                               lease)
+        ids.append(batcher._new_batch_id("batch"))
+        await lease.release()
+    assert ids[0] != ids[1], ids
 
 
 async def test_a_fenced_batcher_cannot_finish_jobs(redis: aioredis.Redis, celery: Celery) -> None:

@@ -5,21 +5,25 @@ connection between them is cut (`tests.replyloss`)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import keys, scripts
 from shared.model import ModelContext
 from shared.modelspec import ModelSpec
+from shared.procs import free_port
 from shared.redisconn import connect
 from shared.redisserver import RedisServer
 from shared.settings import Settings
 from shared.store import JobStore, NewJob
 from tests.replyloss import ReplyLoss
+from workers import runtime as runtime_module
 from workers.runtime import BatchRequest, ModelRuntime
 
 MODEL = "synthetic"
@@ -97,3 +101,25 @@ async def test_a_final_write_whose_reply_is_lost_is_written_once(
     assert await direct.hgetall(keys.stats(MODEL)) == {"succeeded": "1"}  # first write wins
     assert await direct.xpending(keys.streams(MODEL)[1], keys.BATCHER_GROUP) == {
         "pending": 0, "min": None, "max": None, "consumers": []}
+
+
+async def test_a_start_through_an_outage_gives_the_batch_up_and_is_never_taken_for_a_hang(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker bounds a batch with `outer_limit_s` and exits past it as stuck (failing a
+    lone suspect as `timeout`); a start riding out an outage must give up first. The retry
+    window is shortened here only to keep the test short: the limit is built from it."""
+    monkeypatch.setattr(runtime_module, "OUTAGE_RETRY_S", 1.0)
+    spec = ModelSpec.model_validate({
+        "name": MODEL, "class": "workers.builtin.synthetic:SyntheticModel",
+        "options": {"max_batch_size": 4, "batch_timeout_s": 0.1}})
+    down = connect(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))  # nobody listens
+    try:
+        runtime = ModelRuntime(spec, ModelContext(model=MODEL, worker_index=1, device="cpu",
+                                                  worker_name="w-outage"),
+                               JobStore(down, result_ttl_s=60, job_ttl_s=60), consumer=CONSUMER)
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(
+                runtime.run_batch(BatchRequest(MODEL, "b-1:batch-1:1", ["j"], solo=True)),
+                runtime.outer_limit_s())
+    finally:
+        await down.aclose()
