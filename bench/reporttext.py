@@ -118,6 +118,18 @@ one) the stack spent about 10 ms of CPU per job here (the workers 6 ms for a 1.4
 batcher and gateway 1.6 ms each, Redis 1.35 ms) against BentoML's 5.7 ms, so from a quarter of
 its saturation the two cores queue every leg; the worker's per-batch CPU is the next lead.
 
+Measured for that lead, not built: the worker's side of a lone job in process, against a
+private Redis and without Celery (the MLP, 600 lone batches, medians, one sitting).
+`ModelRuntime.run_batch` took 4.73 ms. The same start, stages and final write done on the compute
+thread with a synchronous client took 4.38 ms. The pieces of the first: `START` 0.40 ms, the
+final write with its lane report 0.87 ms, and the hop to the compute thread 0.46 ms (the stages
+took 3.26 ms through it and 2.80 ms inline; the MLP's predict alone was 2.17 ms in that sitting,
+on a slower day than the table above). A loopback `PING` cost 0.20 ms from the asyncio client and
+0.13 ms from the synchronous one. A lone batch that skips the event loop would save those
+0.35 ms plus the 0.41 ms hand-over from Celery's thread, about 0.7 ms. To build it, the store
+must first be split into argument building and I/O, so the Lua calls are written once for both
+clients, and the path needs its own watchdog for a stuck batch.
+
 ## Hot path, second round
 
 `python -m bench.profile_hotpath --before <the previous commit> --repeats 2` (medians of
