@@ -52,6 +52,10 @@ async def test_200_concurrent_jobs_match_the_model_run_directly(procs: Procs,
     batches = redis.Redis.from_url(settings.redis_url).xlen(keys.completions("mlp"))
     assert 0 < batches < 200
     print(f"200 jobs ran in {batches} batches")
+    # The worker logs its lifecycle, not every batch (Celery's per-task lines are off).
+    worker_log = (procs.log_dir / "worker-mlp-1.log").read_text()
+    assert "worker ready" in worker_log
+    assert "asyncinfer.run_batch[" not in worker_log, worker_log[-2000:]
 
     def handoff_reported() -> bool:
         info = httpx.get(f"{url}/v1/models/mlp", timeout=10).json()
