@@ -36,7 +36,7 @@ STUCK_GRACE_S = 2.0
 # The start and the final write are retried this long through a Redis outage before the batch
 # is given up (its entries, no longer refreshed, then go back to the batcher).
 OUTAGE_RETRY_S = 30.0
-REPORT_ATTEMPTS = 5  # a lane report is retried over about 1.5 s
+REPORT_RETRY_S = 1.0  # a lane report is retried this long (heartbeats tell the batcher later)
 
 Outcome_ = Literal["ok", "error", "timeout"]
 T = TypeVar("T")
@@ -144,10 +144,11 @@ class ModelRuntime:
         try:
             # Retried, not given up: a START whose reply a dying connection lost may have run,
             # and a batch given up then comes back as a suspect with one attempt more.
-            starts = await _through_outage("start", len(req.job_ids), lambda: self.store.start(
-                req.job_ids, self.ctx.worker_name, self.ctx.device_label or self.ctx.device,
-                consumer=self.consumer, solo=req.solo, attempt_cap=self.attempt_cap,
-                batch_id=req.batch_id))
+            starts = await _through_outage(
+                "start", f"jobs={len(req.job_ids)}", lambda: self.store.start(
+                    req.job_ids, self.ctx.worker_name, self.ctx.device_label or self.ctx.device,
+                    consumer=self.consumer, solo=req.solo, attempt_cap=self.attempt_cap,
+                    batch_id=req.batch_id))
             poison: list[Started] = []
             for st in starts:
                 self._sort(st, items, outcomes, report, poison)
@@ -289,28 +290,24 @@ class ModelRuntime:
 
     async def _send_report(self, report: BatchReport) -> None:
         fields = self.report_fields(report)
-        backoff_s = 0.05
-        for attempt in range(REPORT_ATTEMPTS):
-            try:
-                await self.store.redis.xadd(keys.completions(self.spec.name),
-                                            fields,  # type: ignore[arg-type]
-                                            maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
-                return
-            except (RedisError, OSError) as exc:
-                if attempt == REPORT_ATTEMPTS - 1:
-                    # The batcher then learns the lane is free from the worker's heartbeats,
-                    # which stop listing the batch.
-                    log.warning("lane report failed batch=%s error=%s", report.batch_id, exc)
-                    return
-                await asyncio.sleep(backoff_s)
-                backoff_s *= 2
+        try:
+            await _through_outage(
+                "lane report", f"batch={report.batch_id}",
+                lambda: self.store.redis.xadd(keys.completions(self.spec.name),
+                                              fields,  # type: ignore[arg-type]
+                                              maxlen=keys.COMPLETIONS_MAXLEN, approximate=True),
+                within_s=REPORT_RETRY_S)
+        except (RedisError, OSError) as exc:
+            # The batcher then learns the lane is free from the worker's heartbeats, which stop
+            # listing the batch.
+            log.warning("lane report failed batch=%s error=%s", report.batch_id, exc)
 
     async def finish(self, outcomes: list[Outcome],
                      report: dict[str, str] | None = None) -> None:
         """Write final states (and the lane report with them, when given), riding out a Redis
         outage of up to OUTAGE_RETRY_S (first write wins, so a repeat is harmless)."""
         extra = None if report is None else (keys.completions(self.spec.name), report)
-        await _through_outage("final write", len(outcomes),
+        await _through_outage("final write", f"jobs={len(outcomes)}",
                               lambda: self.store.finish(outcomes, report=extra))
 
     async def _each(self, items: list[_Item], fn: Any, error_kind: str) -> None:
@@ -424,10 +421,12 @@ class ModelRuntime:
         return fields
 
 
-async def _through_outage(what: str, jobs: int, call: Callable[[], Awaitable[T]]) -> T:
-    """`call`, retried with backoff through a Redis outage of up to OUTAGE_RETRY_S; only for
-    writes that are safe to repeat."""
-    deadline = time.monotonic() + OUTAGE_RETRY_S
+async def _through_outage(what: str, fields: str, call: Callable[[], Awaitable[T]], *,
+                          within_s: float | None = None) -> T:
+    """`call`, retried with backoff through a Redis outage of up to `within_s` (default
+    OUTAGE_RETRY_S); only for writes that are safe to repeat. `what` and `fields` name it in
+    the log."""
+    deadline = time.monotonic() + (OUTAGE_RETRY_S if within_s is None else within_s)
     backoff_s = 0.05
     while True:
         try:
@@ -435,6 +434,6 @@ async def _through_outage(what: str, jobs: int, call: Callable[[], Awaitable[T]]
         except (RedisError, OSError) as exc:
             if time.monotonic() >= deadline:
                 raise
-            log.warning("%s failed, retrying jobs=%d error=%s", what, jobs, exc)
+            log.warning("%s failed, retrying %s error=%s", what, fields, exc)
             await asyncio.sleep(backoff_s)
             backoff_s = min(1.0, backoff_s * 2)
