@@ -11,8 +11,12 @@
 #    lacks them, it installs the wheels in .whl/ (made beforehand, where pip works, by
 #    `bash bench/gpu_wheels.sh`) into a scratch folder with pip --no-index; a redis-server comes
 #    from PATH, else from .whl/redis/;
-# 4. runs the GPU tests (pytest -m gpu tests/workers/test_gpu.py) and the GPU benchmark
-#    (python -m bench.gpu), each under a time limit, in about 5-7 minutes in all;
+# 4. runs the GPU tests (pytest -m gpu tests/workers/test_gpu.py), then the benchmark table of
+#    docs/benchmarks.md on the GPU (python -m bench.run --quick --device cuda: the model alone,
+#    asyncinfer and BentoML at one client, at saturation and at open-loop loads; BentoML from
+#    .whl/bento/ when bench/gpu_wheels.sh put it there), each under a time limit, in about 6-8
+#    minutes in all; the table's raw JSON lands in docs/bench-data/cuda/ (run
+#    `python -m bench.report` afterwards, where the project's .venv is, for docs/benchmarks.md);
 # 5. writes docs/gpu.json and the generated part of docs/gpu.md after every step, so a run cut
 #    short still leaves what it found.
 #
@@ -29,7 +33,8 @@ WORK=${GPU_CHECK_WORK:-/tmp/asyncinfer-gpu-check}
 rm -rf "$WORK" && mkdir -p "$WORK"
 LOG=$WORK/gpu_check.log
 TEST_LIMIT_S=${GPU_CHECK_TEST_LIMIT_S:-300}
-BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-150}
+BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-300}
+BENCH_SCALE=${GPU_CHECK_BENCH_SCALE:-1}
 export PYTHONUNBUFFERED=1
 
 say() { printf '[gpu_check %3ss] %s\n' "$SECONDS" "$*" | tee -a "$LOG" >&2; }
@@ -65,10 +70,13 @@ print(json.dumps({"found": f"torch {torch.__version__}, built for CUDA {torch.ve
                   f"python {sys.version.split()[0]}", "cuda": ok}))'
 PY=""
 cands="[]"
+tried=""
 for c in "${GPU_CHECK_PYTHON:-}" "$ROOT/.venv/bin/python" python3 /opt/torch/.venv/bin/python3 \
          python; do
   [ -n "$c" ] || continue
   path=$(command -v "$c" 2>/dev/null) || continue
+  case " $tried " in *" $path "*) continue ;; esac  # python3 is often the same file twice
+  tried="$tried $path"
   out=$(PYTORCH_NVML_BASED_CUDA_CHECK=1 timeout 90 "$path" -c "$PROBE" 2>/dev/null | tail -1)
   [ -n "$out" ] || out='{"found": "did not answer in 90 s", "cuda": false}'
   say "$path: $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["found"])' "$out")"
@@ -128,14 +136,21 @@ st tests "$JSON" "$WORK/junit.xml" "$GPU_CHECK_RESULTS"
 st step "$JSON" tests "exit $tests_rc in $((SECONDS - t0)) s"
 report
 
-say "5/5 GPU benchmark (limit ${BENCH_LIMIT_S}s)"
+say "5/5 the benchmark table on the GPU (limit ${BENCH_LIMIT_S}s)"
 device=cuda
 [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ] && ! "$PY" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && device=cpu
+# BentoML beside asyncinfer, as on CPU: from .whl/bento/ (no index here) with this torch.
+[ -z "${BENCH_BENTO_WHEELS:-}" ] && [ -d .whl/bento ] && export BENCH_BENTO_WHEELS=$ROOT/.whl/bento
+# A dry run on CPU publishes nothing (--only mlp): docs/bench-data/cpu stays the CPU run's.
+scope=()
+[ "$device" = cpu ] && scope=(--only mlp)
 t0=$SECONDS
-timeout -k 10 "$BENCH_LIMIT_S" "$PY" -m bench.gpu --out "$JSON" --device "$device" --seconds 10 \
-  >"$WORK/bench.log" 2>&1
+timeout -k 10 "$BENCH_LIMIT_S" "$PY" -m bench.run --quick --device "$device" "${scope[@]}" \
+  --no-docs --scale "$BENCH_SCALE" >"$WORK/bench.log" 2>&1
 bench_rc=$?
-tail -5 "$WORK/bench.log" | while IFS= read -r line; do say "  $line"; done
+grep -E '^bench: ' "$WORK/bench.log" | tail -40 | while IFS= read -r line; do say "  $line"; done
+summary=$(ls -td bench/results/*-quick-"$device" 2>/dev/null | head -1)/summary.json
+st table "$JSON" "$summary"
 st step "$JSON" benchmark "exit $bench_rc in $((SECONDS - t0)) s"
 
 if [ "$device" = cpu ]; then

@@ -7,6 +7,7 @@ a check that stops early still writes what it found.
     python3 bench/gpu_status.py set docs/gpu.json KEY 'JSON value'
     python3 bench/gpu_status.py step docs/gpu.json NAME 'what happened'
     python3 bench/gpu_status.py tests docs/gpu.json junit.xml results.jsonl
+    python3 bench/gpu_status.py table docs/gpu.json docs/bench-data/cuda/summary.json
     python3 bench/gpu_status.py report docs/gpu.json docs/gpu.md
 """
 
@@ -78,29 +79,57 @@ def tests(path: Path, junit: Path, figures: Path) -> None:
     _save(path, data)
 
 
+def _best(points: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(points, key=lambda x: x.get("goodput_per_s") or 0) if points else {}
+
+
+def table(path: Path, summary: Path) -> None:
+    """The headline figures of the GPU benchmark table (a bench.run summary) for the record;
+    the whole table is docs/benchmarks.md's GPU section, made by `python -m bench.report`."""
+    data = _load(path)
+    try:
+        res: dict[str, Any] = json.loads(summary.read_text())
+    except (OSError, ValueError) as exc:
+        data["benchmark"] = {"error": f"no summary at {summary}: {exc}"}
+        _save(path, data)
+        return
+    limit, mlp = res.get("limit") or {}, res.get("mlp") or {}
+    one = {name: {"jobs_per_s": round(runs[0]["throughput_per_s"], 1),
+                  "p50_ms": round(runs[0]["latency_ms"]["p50"], 2)}
+           for name, runs in (mlp.get("one_client") or {}).items() if runs}
+    sat = {}
+    for name, repeats in (mlp.get("saturation") or {}).items():
+        best = _best([pt for rep in repeats for pt in rep])
+        if best:
+            sat[name] = {"clients": best.get("concurrency"),
+                         "jobs_per_s": round(best["throughput_per_s"], 1),
+                         "goodput_per_s": round(best.get("goodput_per_s") or 0, 1),
+                         "p99_ms": round(best["latency_ms"]["p99"], 1),
+                         "cpu_ms_per_job": round(best.get("server_cpu_ms_per_job") or 0, 2)}
+    data["benchmark"] = {
+        "summary": str(summary), "elapsed_s": round(res.get("elapsed_s") or 0),
+        "model_batch1_ms": limit.get("batch1_forward_ms"),
+        "model_best_rows_per_s": limit.get("best_rows_per_s"),
+        "model_best_batch": limit.get("best_batch_size"),
+        "one_client": one, "saturation": sat}
+    _save(path, data)
+
+
 def _bench_lines(bench: dict[str, Any]) -> list[str]:
-    out = []
-    limit = bench.get("model_limit") or {}
-    if "error" in limit:
-        out.append(f"- model alone: failed ({limit['error']})")
-    elif limit:
-        where = "cuda:0" if bench.get("device", "cuda") == "cuda" else "one CPU core"
-        out.append(f"- model alone (torch MLP on {where}, no HTTP): best "
-                   f"{limit.get('best_rows_per_s', 0):,.0f} rows/s at batch "
-                   f"{limit.get('best_batch_size')}; one row "
-                   f"{limit.get('batch1_forward_ms', 0):.2f} ms")
-    served = bench.get("served") or {}
-    if "error" in served:
-        out.append(f"- served: failed ({served['error']})")
-    elif served:
-        sat, light = served.get("saturation", {}), served.get("light", {})
-        out.append(f"- served by `asyncinfer up` (one mlp worker on {served['worker']['device']}"
-                   f" {served['worker'].get('device_uuid') or ''}): "
-                   f"{sat.get('jobs_per_s')} jobs/s at saturation ({sat.get('concurrency')} "
-                   f"clients, submit + long-poll; p50 {sat.get('latency_ms', {}).get('p50', 0):.0f}"
-                   f" ms); a lone job {light.get('latency_ms', {}).get('p50', 0):.1f} ms p50; "
-                   f"fit a = {served.get('fit_a_ms_per_row')} ms/row, "
-                   f"b = {served.get('fit_b_ms')} ms")
+    if "error" in bench:
+        return [f"- benchmark table: {bench['error']}"]
+    out = [f"- model alone (torch MLP, no HTTP): one row {bench.get('model_batch1_ms') or 0:.2f}"
+           f" ms; best {bench.get('model_best_rows_per_s') or 0:,.0f} rows/s at batch "
+           f"{bench.get('model_best_batch')}"]
+    for name, f in (bench.get("one_client") or {}).items():
+        out.append(f"- one client, {name}: {f['jobs_per_s']:.1f} jobs/s, p50 {f['p50_ms']:.2f} ms")
+    for name, f in (bench.get("saturation") or {}).items():
+        out.append(f"- saturation, {name}: {f['jobs_per_s']:.1f} jobs/s at {f['clients']} "
+                   f"clients, goodput within 250 ms {f['goodput_per_s']:.1f}/s, p99 "
+                   f"{f['p99_ms']:.1f} ms, {f['cpu_ms_per_job']:.2f} CPU-ms per job")
+    out.append(f"- the whole table: `{bench.get('summary')}` (copied to docs/bench-data/cuda/ "
+               "when the run completes), rendered in docs/benchmarks.md (GPU) by "
+               "`python -m bench.report`")
     return out
 
 
@@ -156,6 +185,8 @@ def main(argv: list[str]) -> int:
         step(Path(args[0]), args[1], args[2])
     elif cmd == "tests":
         tests(Path(args[0]), Path(args[1]), Path(args[2]))
+    elif cmd == "table":
+        table(Path(args[0]), Path(args[1]))
     elif cmd == "report":
         report(Path(args[0]), Path(args[1]))
     else:

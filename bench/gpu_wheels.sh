@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepare, here (where pip reaches PyPI), what bench/gpu_check.sh needs on a GPU machine that
 # has Python and a CUDA build of torch but no network: the project's other packages as wheels
-# for that machine's Python, in .whl/ (ignored by git), plus this machine's redis-server with the
-# two libraries it needs that a CUDA image lacks. Carry .whl/ to the GPU machine with the tree.
+# for that machine's Python, in .whl/ (ignored by git), BentoML's (the benchmark's peer) in
+# .whl/bento/, plus this machine's redis-server with the libraries it needs that a CUDA image
+# may lack. Carry .whl/ to the GPU machine with the tree (about 35 MB).
 #
 #   bash bench/gpu_wheels.sh [PYTHON_VERSION]     # default 3.12 (the lent GPU machines' python3)
 #
@@ -49,11 +50,21 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV"
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
   -d .whl -r "$reqs"
+# The benchmark's peer, BentoML at the pin bench/systems.py names, with what it requires for that
+# Python, resolved by pip; numpy and torch stay the GPU machine's own.
+bento_pin=$(sed -n 's/^BENTOML_PIN = "\(.*\)"$/\1/p' bench/systems.py)
+echo "downloading $bento_pin and its requirements for CPython $PYV into .whl/bento/"
+rm -rf .whl/bento && mkdir -p .whl/bento
+python3 -m pip download -q --only-binary=:all: --python-version "$PYV" \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
+  -d .whl/bento "$bento_pin"
+rm -f .whl/bento/numpy-*.whl .whl/bento/torch-*.whl
 # redis-server: the binary and the libraries a CUDA image is unlikely to have.
 if command -v redis-server >/dev/null; then
   mkdir -p .whl/redis
   cp -L "$(command -v redis-server)" .whl/redis/redis-server.bin
-  for lib in libjemalloc.so.2 liblzf.so.1; do
+  for lib in libjemalloc.so.2 liblzf.so.1 libatomic.so.1; do
     path=$(ldd "$(command -v redis-server)" | awk -v l="$lib" '$1 == l {print $3}')
     [ -n "$path" ] && cp -L "$path" .whl/redis/
   done

@@ -17,12 +17,14 @@ import json
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -277,14 +279,37 @@ def bento_venv(root: Path) -> Path:
     return root / ".venv-bentoml"
 
 
+def _offline_bento_venv(venv: Path, wheels: Path, run: Callable[..., None]) -> None:
+    """A machine with no package index (a lent GPU machine): BentoML's wheels from `wheels`
+    (made where pip works, by bench/gpu_wheels.sh) in a venv that also sees this interpreter's
+    own packages, so BentoML serves with the same torch (a CUDA build there) as asyncinfer."""
+    run(sys.executable, "-m", "venv", "--without-pip", str(venv))
+    py = venv / "bin" / "python"
+    # Behind the venv's own site-packages, so BentoML's pins win over this interpreter's.
+    mine = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    probe = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    target = subprocess.run([str(py), "-c", probe], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    Path(target, "_bench_base.pth").write_text("".join(f"{p}\n" for p in mine))
+    files = sorted(str(f) for f in wheels.glob("*.whl"))
+    if not any(Path(f).name.startswith("bentoml-") for f in files):
+        raise OSError(f"no bentoml wheel in {wheels}")
+    # pip comes from this interpreter's packages through the .pth; --ignore-installed puts
+    # every wheel in the venv rather than trusting a version found behind it.
+    run(str(py), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+        "--ignore-installed", *files)
+
+
 def ensure_bento_venv(root: Path, log: Path) -> Path:
     """BentoML (pinned) and torch in their own virtual environment, made once, then reused;
-    made again when the pin changes. Raises RuntimeError when they cannot be installed (no
-    package index reachable, say)."""
+    made again when the pin changes. With BENCH_BENTO_WHEELS naming a folder of wheels, made
+    from those with this interpreter's torch instead (no package index needed). Raises
+    RuntimeError when they cannot be installed (no package index reachable, say)."""
     venv = bento_venv(root)
     py = venv / "bin" / "python"
     marker = venv / ".complete"
-    pins = (TORCH_PIN, BENTOML_PIN)
+    wheels = os.environ.get("BENCH_BENTO_WHEELS")
+    pins = (TORCH_PIN, BENTOML_PIN) if not wheels else (f"offline:{wheels}", BENTOML_PIN)
     if py.exists() and marker.exists() and marker.read_text().split() == list(pins):
         return venv
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +320,11 @@ def ensure_bento_venv(root: Path, log: Path) -> Path:
             subprocess.run(args, check=True, stdout=out, stderr=subprocess.STDOUT)
 
         try:
+            if wheels:
+                shutil.rmtree(venv, ignore_errors=True)
+                _offline_bento_venv(venv, Path(wheels), run)
+                marker.write_text("\n".join(pins) + "\n")
+                return venv
             if not py.exists():
                 run(sys.executable, "-m", "venv", str(venv))
             # A pinned torch resolves to the local CPU wheel; an unpinned one would pull CUDA.

@@ -3,10 +3,14 @@ docs/benchmarks.md rendered whole from a full run, a run without BentoML, and a 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from bench.analysis import Target, targets
+from bench.docs import REPO
 from bench.report import write_report
 
 
@@ -96,3 +100,26 @@ def test_the_page_renders_from_a_cpu_and_a_gpu_run(tmp_path: Path) -> None:
     for name in ("bench-latency", "bench-saturation", "bench-shed", "bench-latency-cuda"):
         assert (tmp_path / "img" / f"{name}.png").stat().st_size > 1000
         assert f"img/{name}.png" in page
+
+
+def test_the_gpu_check_records_the_tables_headline(tmp_path: Path) -> None:
+    # bench/gpu_status.py runs with any python3 (no project packages): as a script, like
+    # bench/gpu_check.sh runs it.
+    res = summary("cuda")
+    res["limit"] |= {"best_rows_per_s": 500000.0, "best_batch_size": 64}
+    (tmp_path / "summary.json").write_text(json.dumps(res))
+    record, page = tmp_path / "gpu.json", tmp_path / "gpu.md"
+    script = str(REPO / "bench" / "gpu_status.py")
+    for args in (["init", record], ["table", record, tmp_path / "summary.json"],
+                 ["report", record, page]):
+        subprocess.run([sys.executable, script, *map(str, args)], check=True)
+    bench = json.loads(record.read_text())["benchmark"]
+    assert bench["one_client"]["asyncinfer/jobs"] == {"jobs_per_s": 200.0, "p50_ms": 4.0}
+    assert bench["saturation"]["bentoml-w2"]["goodput_per_s"] == 200.0  # its best client count
+    text = page.read_text()
+    assert "one client, bentoml-w2: 100.0 jobs/s, p50 10.00 ms" in text
+    assert "saturation, asyncinfer: 700.0 jobs/s at 64 clients" in text
+    # A run that left no summary is recorded as such, not as the previous figures.
+    subprocess.run([sys.executable, script, "table", str(record), str(tmp_path / "none.json")],
+                   check=True)
+    assert "error" in json.loads(record.read_text())["benchmark"]
