@@ -18,8 +18,10 @@ METHOD = """## Method
   thread each; gateway, batcher, autoscaler and Redis float). BentoML runs `bentoml serve` with
   `workers=2` (its docs' advice for CPU: one worker per core) and, beside it, `workers=1`; one
   torch thread per worker, `threads=1`. On a GPU (`--device cuda`) asyncinfer runs one worker
-  on the GPU and both BentoML configurations put their model on `cuda:0`. All systems are up at
-  once and driven in turn (the others idle), so noise from other work hits them alike.
+  on the GPU, its gateway with the default number of server processes (one per 4 cores: 4 on
+  the 16-core GPU host), and both BentoML configurations put their model on `cuda:0` (BentoML
+  built there from wheels, on that machine's own CUDA torch). All systems are up at once and
+  driven in turn (the others idle), so noise from other work hits them alike.
 - **One load generator.** `asyncinfer.loadgen` (the one behind `asyncinfer bench`), in a
   process of its own on uvloop, with a small keep-alive HTTP/1.1 client (tens of µs of CPU per
   request; it drives several thousand jobs/s from one process, see the HTTP ceilings). A job is

@@ -11,12 +11,9 @@ stopped by a signal to its process group, escalating to SIGKILL.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
 import site
 import subprocess
 import sys
@@ -31,7 +28,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from bench.docs import REPO
-from shared.procs import free_port, terminate, wait_port
+from shared.procs import die_with_parent, free_port, terminate, wait_port
 from shared.redisserver import RedisServer
 
 BENTO_DIR = REPO / "bench" / "bentoml_service"
@@ -45,11 +42,6 @@ BENTOML_PIN = "bentoml==1.4.40"
 TORCH_PIN = "torch==2.13.0"
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None,
           unset: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     """A child in its own session (so its whole group can be signalled) that gets SIGTERM when
@@ -61,7 +53,7 @@ def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = No
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(args, cwd=cwd, env=full, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
 
 
 def http_json(url: str, timeout_s: float = 5.0) -> Any:
@@ -421,6 +413,8 @@ def _label(pid: int) -> str:
     words = [a.decode(errors="replace") for a in argv if a]
     if not words:
         return "?"
+    if any("multiprocessing" in w for w in words[1:4]):
+        return ""  # a multiprocessing child (a gateway's server process): its parent's label
     if "-m" in words:
         i = words.index("-m")
         rest = words[i + 1:]
@@ -456,12 +450,13 @@ def tree_cpu(root: int | list[int]) -> dict[int, tuple[str, float]]:
     for pid, ppid in parents.items():
         children.setdefault(ppid, []).append(pid)
     out: dict[int, tuple[str, float]] = {}
-    todo = list(root) if isinstance(root, list) else [root]
+    todo = [(pid, "?") for pid in (root if isinstance(root, list) else [root])]
     while todo:
-        pid = todo.pop()
+        pid, above = todo.pop()
+        label = _label(pid) or above
         if pid in cpu:
-            out[pid] = (_label(pid), cpu[pid])
-        todo.extend(children.get(pid, []))
+            out[pid] = (label, cpu[pid])
+        todo.extend((child, label) for child in children.get(pid, []))
     return out
 
 

@@ -55,9 +55,11 @@ class Deps:
 
 
 def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
-               targets: TargetPolicy | None = None) -> FastAPI:
+               targets: TargetPolicy | None = None, *, server_id: str | None = None,
+               metrics_dir: str | None = None) -> FastAPI:
     """Build the app; Redis connections open in its lifespan. `targets` is the webhook address
-    policy (default: from the settings)."""
+    policy (default: from the settings). `server_id` and `metrics_dir` are set for one of
+    several processes serving one port (gateway.__main__): the /metrics they share."""
     specs = specs if specs is not None else load_specs(settings.models)
     targets = targets or TargetPolicy(settings.webhook_allow)
     keys = ApiKeys(settings.api_keys)
@@ -75,7 +77,7 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
         legs.start()
         waiters = CompletionWaiters(connect(settings, block_s=3600), legs)
         waiters.start()
-        metrics = GatewayMetrics(redis, specs)
+        metrics = GatewayMetrics(redis, specs, server_id=server_id, shared_dir=metrics_dir)
         app.state.deps = Deps(settings, specs, store, waiters, keys, metrics, targets,
                               Schedule(redis, specs))
         log.info("gateway started models=%s auth=%s webhooks=%s fault_injection=%s",

@@ -12,16 +12,18 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.system_metrics import SystemCollector, read_snapshot
 from shared import keys
@@ -34,11 +36,32 @@ SUBMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+class _Exporter:
+    """asyncinfer_gateway_system_exporter, made at each scrape: a Gauge object would leave one
+    series per process in the multiprocess files."""
+
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("asyncinfer_gateway_system_exporter", "1 on the one gateway "
+                                "replica that exports the system-wide series, else 0",
+                                value=1 if self.value else 0)
+
+
 class GatewayMetrics:
-    def __init__(self, redis: aioredis.Redis, specs: dict[str, ModelSpec]) -> None:
+    """This replica's own series and, while it holds the exporter lease, the system's.
+
+    A replica is one gateway server: one process, or several sharing a port (`server_id` names
+    them all, `shared_dir` holds their prometheus_client multiprocess files, so each process's
+    /metrics sums them all)."""
+
+    def __init__(self, redis: aioredis.Redis, specs: dict[str, ModelSpec], *,
+                 server_id: str | None = None, shared_dir: str | None = None) -> None:
         self.redis = redis
         self.specs = specs
-        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.replica = server_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.shared_dir = shared_dir
         self.registry = CollectorRegistry()
         r = self.registry
         self.jobs_submitted = Counter("asyncinfer_jobs_submitted", "Jobs accepted by this "
@@ -46,8 +69,6 @@ class GatewayMetrics:
         self.submit_seconds = Histogram("asyncinfer_submit_duration_seconds", "Submit handling "
                                         "time at this gateway (validation and one Redis round "
                                         "trip)", ["model"], buckets=SUBMIT_BUCKETS_S, registry=r)
-        self.exporter = Gauge("asyncinfer_gateway_system_exporter", "1 on the one gateway "
-                              "replica that exports the system-wide series, else 0", registry=r)
 
     def submitted(self, model: str, n: int, seconds: float) -> None:
         self.jobs_submitted.labels(model).inc(n)
@@ -68,8 +89,11 @@ class GatewayMetrics:
 
     async def render(self) -> bytes:
         system = await self.exports_system()
-        self.exporter.set(1 if system else 0)
-        text = generate_latest(self.registry)
+        own = self.registry
+        if self.shared_dir is not None:
+            own = CollectorRegistry()
+            MultiProcessCollector(own, path=self.shared_dir)  # type: ignore[no-untyped-call]
+        text = generate_latest(own) + generate_latest(_Exporter(system))
         if system:
             snapshot = await read_snapshot(self.redis, list(self.specs))
             text += generate_latest(SystemCollector(snapshot))

@@ -18,7 +18,9 @@ from typing import IO
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Ask the kernel to send this process SIGTERM when its parent dies (Linux; elsewhere a
+    no-op). Mind the race: a parent that died before this call is not noticed by it."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -38,7 +40,7 @@ def spawn(args: list[str], env: Mapping[str, str] | None = None,
         out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it open
     return subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
 
 
 def terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> int | None:
