@@ -145,11 +145,14 @@ device=cuda
 scope=()
 [ "$device" = cpu ] && scope=(--only mlp)
 t0=$SECONDS
+touch "$WORK/bench.start"
 timeout -k 10 "$BENCH_LIMIT_S" "$PY" -m bench.run --quick --device "$device" "${scope[@]}" \
   --no-docs --scale "$BENCH_SCALE" >"$WORK/bench.log" 2>&1
 bench_rc=$?
 grep -E '^bench: ' "$WORK/bench.log" | tail -40 | while IFS= read -r line; do say "  $line"; done
-summary=$(ls -td bench/results/*-quick-"$device" 2>/dev/null | head -1)/summary.json
+# This run's folder only: an earlier run's table must not pass for this one's.
+summary=$(find bench/results -maxdepth 1 -name "*-quick-$device" -newer "$WORK/bench.start" \
+  2>/dev/null | sort | tail -1)/summary.json
 st table "$JSON" "$summary"
 st step "$JSON" benchmark "exit $bench_rc in $((SECONDS - t0)) s"
 

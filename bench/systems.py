@@ -413,7 +413,8 @@ def _label(pid: int) -> str:
     words = [a.decode(errors="replace") for a in argv if a]
     if not words:
         return "?"
-    if any("multiprocessing" in w for w in words[1:4]):
+    if "--multiprocessing-fork" in words or any("multiprocessing.resource_tracker" in w
+                                                for w in words):
         return ""  # a multiprocessing child (a gateway's server process): its parent's label
     if "-m" in words:
         i = words.index("-m")

@@ -88,8 +88,9 @@ def create_app(settings: Settings, specs: dict[str, ModelSpec] | None = None,
                         "the jobs they name (result_ttl_s)", store.idempotency_ttl_ms // 1000,
                         settings.idempotency_ttl_s)
         yield
-        with contextlib.suppress(RedisError, OSError):
-            await metrics.release()
+        if server_id is None:  # else the lease is its server's (gateway.servers) to give up
+            with contextlib.suppress(RedisError, OSError):
+                await metrics.release()
         await waiters.stop()
         await legs.stop()
         await webhooks.stop()

@@ -9,6 +9,7 @@ another replica takes over within `keys.METRICS_EXPORTER_TTL_S`.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -29,6 +30,7 @@ from gateway.system_metrics import SystemCollector, read_snapshot
 from shared import keys
 from shared.modelspec import ModelSpec
 
+log = logging.getLogger(__name__)
 SUBMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 # The `_created` series prometheus_client adds by default double every counter and histogram
@@ -62,6 +64,7 @@ class GatewayMetrics:
         self.specs = specs
         self.replica = server_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.shared_dir = shared_dir
+        self._warned = False
         self.registry = CollectorRegistry()
         r = self.registry
         self.jobs_submitted = Counter("asyncinfer_jobs_submitted", "Jobs accepted by this "
@@ -71,8 +74,17 @@ class GatewayMetrics:
                                         "trip)", ["model"], buckets=SUBMIT_BUCKETS_S, registry=r)
 
     def submitted(self, model: str, n: int, seconds: float) -> None:
-        self.jobs_submitted.labels(model).inc(n)
-        self.submit_seconds.labels(model).observe(seconds)
+        try:
+            self.jobs_submitted.labels(model).inc(n)
+            self.submit_seconds.labels(model).observe(seconds)
+        except OSError:  # a multiprocess file that cannot be written: the jobs are queued
+            self._warn_once("submit", exc_info=True)
+
+    def _warn_once(self, what: str, exc_info: bool = False) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("gateway metrics unavailable what=%s folder=%s", what, self.shared_dir,
+                        exc_info=exc_info)
 
     async def exports_system(self) -> bool:
         """Take or renew the exporter lease; whether this replica holds it."""
@@ -91,8 +103,12 @@ class GatewayMetrics:
         system = await self.exports_system()
         own = self.registry
         if self.shared_dir is not None:
-            own = CollectorRegistry()
-            MultiProcessCollector(own, path=self.shared_dir)  # type: ignore[no-untyped-call]
+            shared = CollectorRegistry()
+            try:
+                MultiProcessCollector(shared, path=self.shared_dir)  # type: ignore[no-untyped-call]
+                own = shared
+            except ValueError:  # the folder is gone: this process's own counts, not a 500
+                self._warn_once("scrape")
         text = generate_latest(own) + generate_latest(_Exporter(system))
         if system:
             snapshot = await read_snapshot(self.redis, list(self.specs))

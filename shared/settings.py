@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     gateway_processes: int = Field(
         0, ge=0, le=64, description="HTTP server processes of one gateway, sharing its port; 0: "
-        "one per 4 cores, at most 4 (one process tops out near one core).")
+        "one per 4 usable cores, at most 4 (one process tops out near one core).")
     models: Path | None = Field(
         None, description="Models configuration file (TOML); None serves the built-in models."
     )

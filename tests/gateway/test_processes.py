@@ -1,7 +1,8 @@
-"""One gateway of several processes sharing its port (`gateway_processes`), through real
-processes: every process serves jobs, /metrics answers the same totals whichever process a scrape
-reaches, a killed process is replaced while the others serve, and a killed server takes its
-processes along (so a restart finds the port free)."""
+"""One gateway of several processes sharing its port (`gateway_processes`, gateway.servers),
+through real processes: jobs and /metrics through the port as through one gateway, the exporter
+lease held by the server rather than by one process, a killed process replaced while the others
+serve, a killed server taking its processes along and its metrics folder swept by the next, and
+a server that cannot start saying so with its exit status instead of restarting forever."""
 
 from __future__ import annotations
 
@@ -9,19 +10,26 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
-from gateway.__main__ import METRICS_DIR_ENV, server_processes
-from tests.conftest import Procs, wait_until
+from gateway.servers import METRICS_DIR_ENV, SERVER_ID_ENV, server_processes
+from shared import keys
+from shared.devices import usable_cores
+from shared.procs import free_port
+from shared.settings import Settings
+from tests.conftest import Procs, env_of, wait_until
 from tests.gateway.test_metrics import _value, needs_promtool, promtool_problems
 
 pytestmark = pytest.mark.slow
 JOBS = 60
+STARTUP_FAILURE = 3  # uvicorn's exit status for a server that could not start
 
 
 def test_the_default_is_one_process_per_four_cores_and_at_most_four() -> None:
@@ -30,20 +38,12 @@ def test_the_default_is_one_process_per_four_cores_and_at_most_four() -> None:
     assert server_processes(3, 2) == 3  # asked for: as many as asked
 
 
-def _servers(parent: int) -> list[int]:
-    """The server processes under a gateway (uvicorn's; not multiprocessing's tracker)."""
-    try:
-        kids = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    except OSError:
-        return []
-    out = []
-    for pid in map(int, kids):
-        try:
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                out.append(pid)
-        except OSError:
-            pass
-    return out
+def test_a_cpu_quota_caps_the_cores_counted(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # --cpus=1.5: two cores' worth of processes at most
+    assert usable_cores(cpu_max) == min(2, usable_cores(tmp_path / "absent"))
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == usable_cores(tmp_path / "absent")
 
 
 def _alive(pid: int) -> bool:
@@ -51,6 +51,22 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _servers(parent: int) -> list[int]:
+    """The live server processes under a gateway (uvicorn's; not multiprocessing's tracker)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == parent and stat[0] != "Z" and b"--multiprocessing-fork" in cmd:
+            out.append(int(entry.name))
+    return sorted(out)
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -67,6 +83,11 @@ def _job(url: str, i: int) -> str:
         return str(done["status"])
 
 
+def _scrape(url: str) -> str:
+    with httpx.Client(base_url=url, timeout=10) as c:
+        return c.get("/metrics").text
+
+
 def _start(procs: Procs) -> tuple[str, subprocess.Popen[bytes], list[int]]:
     url = procs.serving("synthetic", ASYNCINFER_GATEWAY_PROCESSES="2")
     gateway = procs.all[-1]
@@ -74,30 +95,46 @@ def _start(procs: Procs) -> tuple[str, subprocess.Popen[bytes], list[int]]:
     return url, gateway, _servers(gateway.pid)
 
 
-def test_every_process_serves_and_metrics_count_each_job_once(procs: Procs) -> None:
-    url, _, servers = _start(procs)
+def _lease(settings: Settings) -> str | None:
+    with redis.Redis.from_url(settings.redis_url, decode_responses=True) as r:
+        holder = r.get(keys.metrics_exporter())
+        return None if holder is None else str(holder)
+
+
+def test_jobs_and_metrics_through_the_port_count_each_job_once(procs: Procs) -> None:
+    url, _, _ = _start(procs)
     with ThreadPoolExecutor(16) as pool:
         assert list(pool.map(lambda i: _job(url, i), range(JOBS))) == ["succeeded"] * JOBS
-    # Each process that took a submit left its counts in the server's shared folder.
-    shared = Path(_environ(servers[0])[METRICS_DIR_ENV])
-    assert {p.name for p in shared.glob("counter_*.db")} == {f"counter_{p}.db" for p in servers}
     for _ in range(8):  # scrapes land on either process: the same totals each time
-        with httpx.Client(base_url=url, timeout=10) as c:
-            text = c.get("/metrics").text
+        text = _scrape(url)
         assert _value(text, 'asyncinfer_jobs_submitted_total{model="synthetic"}') == JOBS
         assert _value(text, 'asyncinfer_submit_duration_seconds_count{model="synthetic"}') == JOBS
         assert _value(text, "asyncinfer_gateway_system_exporter") == 1  # one server, one id
         assert _value(text, 'asyncinfer_jobs_finished_total{model="synthetic",'
                             'status="succeeded"}') == JOBS
-    assert text.count("# TYPE asyncinfer_jobs_submitted_total ") <= 1
+        assert text.count("# TYPE asyncinfer_jobs_submitted_total ") == 1
 
 
 @needs_promtool
 def test_the_shared_metrics_pass_promtool(procs: Procs) -> None:
     url, _, _ = _start(procs)
     assert _job(url, 1) == "succeeded"
-    with httpx.Client(base_url=url, timeout=10) as c:
-        assert promtool_problems(c.get("/metrics").text) == ""
+    assert promtool_problems(_scrape(url)) == ""
+
+
+def test_the_exporter_lease_is_the_servers_not_one_processes(procs: Procs,
+                                                            settings: Settings) -> None:
+    url, gateway, servers = _start(procs)
+    _scrape(url)
+    server_id = _environ(servers[0])[SERVER_ID_ENV]
+    assert _lease(settings) == server_id
+    os.kill(servers[0], signal.SIGTERM)  # one process stops cleanly; its siblings go on
+    wait_until(lambda: len(_servers(gateway.pid)) == 2 and servers[0] not in
+               _servers(gateway.pid), 30, "a replacement gateway process")
+    assert _lease(settings) == server_id
+    gateway.terminate()  # the server stops: it gives the lease up for another to take at once
+    assert gateway.wait(30) == 0
+    assert _lease(settings) is None
 
 
 def test_a_killed_process_is_replaced_and_a_killed_server_takes_the_rest_along(
@@ -114,15 +151,40 @@ def test_a_killed_process_is_replaced_and_a_killed_server_takes_the_rest_along(
     shared = Path(_environ(rest[0])[METRICS_DIR_ENV])
     gateway.kill()  # kill -9 of the server: the supervisor (asyncinfer up) would start another
     gateway.wait(10)
+    # Each gets SIGTERM from the kernel and stops as on a normal stop (no request is open here).
     deadline = time.monotonic() + 15
     while any(map(_alive, rest)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(_alive, rest)), "orphaned gateway processes"
-    assert shared.exists()  # kill -9: nobody removed it
     port = int(url.rsplit(":", 1)[1])
     with socket.socket() as s:  # free for the next server
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
-    # The next server sweeps away the folder of the killed one.
+    assert shared.exists()  # kill -9: nobody removed it
+    # The next server sweeps away the dead one's folder, and only that.
     procs.gateway(ASYNCINFER_GATEWAY_PROCESSES="2")
+    live = procs.all[-1]
+    wait_until(lambda: len(_servers(live.pid)) == 2, 30, "the next server's processes")
     assert not shared.exists()
+    assert Path(_environ(_servers(live.pid)[0])[METRICS_DIR_ENV]).exists()
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+@pytest.mark.parametrize("bad", ["models", "redis_url"])
+def test_a_gateway_that_cannot_start_exits_with_an_error(settings: Settings, tmp_path: Path,
+                                                         processes: str, bad: str) -> None:
+    # A models file that cannot be read fails before any process starts; a Redis URL the
+    # client refuses fails in each process's start-up. Either way the server stops with an
+    # error status (uvicorn restarts a process that merely died, so one that would fail the
+    # same way again must not look like that, nor like a clean stop).
+    env = {**os.environ, **env_of(settings), "ASYNCINFER_GATEWAY_PROCESSES": processes,
+           "ASYNCINFER_GATEWAY_PORT": str(free_port())}
+    if bad == "models":
+        env["ASYNCINFER_MODELS"] = str(tmp_path / "absent.toml")
+    else:
+        env["ASYNCINFER_REDIS_URL"] = "http://127.0.0.1:1/0"
+    done = subprocess.run([sys.executable, "-m", "gateway"], env=env, capture_output=True,
+                          timeout=60)
+    expected = {1, STARTUP_FAILURE} if bad == "models" else {STARTUP_FAILURE}
+    assert done.returncode in expected, done.stderr.decode()[-2000:]
+    assert done.stderr.count(b"Traceback") <= 2, "restarted what would fail again"
