@@ -113,10 +113,18 @@ def test_eta_while_queued_admission_of_deadlines_and_none_accepted_misses(
     # About 2.5 s of work: 600 jobs in batches of 16 rows at 1 ms/row + 5 ms + 50 ms.
     backlog = httpx.post(f"{url}/v1/models/synthetic/jobs:batch", timeout=30, json={
         "inputs": [{"x": i, "sleep_s": 0.05} for i in range(600)]}).json()["jobs"]
-    time.sleep(1.0)  # the fit follows the new batch times; the state is republished
-    last = httpx.get(f"{url}/v1/jobs/{backlog[-1]['id']}", timeout=10).json()
+    # The ETA shows the backlog once the fit has followed the new batch times: the batcher
+    # republishes its fit about once a second, so that is one to two seconds after the
+    # backlog starts (a fixed one-second wait raced the republish and failed one run in four).
+    last: dict[str, Any] = {}
+
+    def eta_shows_the_backlog() -> bool:
+        last.update(httpx.get(f"{url}/v1/jobs/{backlog[-1]['id']}", timeout=10).json())
+        eta = last.get("eta")
+        return eta is not None and _epoch(eta["finish_at"]) > time.time() + 0.5
+
+    wait_until(eta_shows_the_backlog, 2.5, "an ETA that shows the backlog")
     assert last["status"] == "queued" and last["eta"]["position"] > 100
-    assert _epoch(last["eta"]["finish_at"]) > time.time() + 0.5
     with httpx.Client(base_url=url, timeout=30) as client:
         started = time.monotonic()
         refused = client.post("/v1/models/synthetic/jobs",
