@@ -11,7 +11,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.servers import run_many, server_processes
 from shared import tracing
-from shared.devices import usable_cores
+from shared.devices import host_cores
 from shared.logs import configure_logging
 from shared.settings import Settings
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level)
-    n = server_processes(settings.gateway_processes, usable_cores())
+    n = server_processes(settings.gateway_processes, host_cores())
     log.info("gateway serving processes=%d host=%s port=%d", n, settings.gateway_host,
              settings.gateway_port)
     if n > 1:

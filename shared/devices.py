@@ -53,16 +53,11 @@ class Device:
         return self.uuid or str(self.ordinal)
 
 
-def host_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+def host_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, within its cgroup's CPU quota (a
+    container's `--cpus`, a pod's CPU limit), which the affinity does not show."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
-
-
-def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The cores this process may run on, within its cgroup's CPU quota (a container's
-    `--cpus`, a pod's CPU limit), which the affinity does not show."""
-    cores = host_cores()
     try:
         quota, period = cpu_max.read_text().split()[:2]
         if quota != "max":

@@ -21,7 +21,6 @@ import redis
 
 from gateway.servers import METRICS_DIR_ENV, SERVER_ID_ENV, server_processes
 from shared import keys
-from shared.devices import usable_cores
 from shared.procs import free_port
 from shared.settings import Settings
 from tests.conftest import Procs, env_of, wait_until
@@ -36,14 +35,6 @@ def test_the_default_is_one_process_per_four_cores_and_at_most_four() -> None:
     assert [server_processes(0, cores) for cores in (1, 2, 4, 7, 8, 12, 16, 64)] == [
         1, 1, 1, 1, 2, 3, 4, 4]
     assert server_processes(3, 2) == 3  # asked for: as many as asked
-
-
-def test_a_cpu_quota_caps_the_cores_counted(tmp_path: Path) -> None:
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("150000 100000\n")  # --cpus=1.5: two cores' worth of processes at most
-    assert usable_cores(cpu_max) == min(2, usable_cores(tmp_path / "absent"))
-    cpu_max.write_text("max 100000\n")
-    assert usable_cores(cpu_max) == usable_cores(tmp_path / "absent")
 
 
 def _alive(pid: int) -> bool:

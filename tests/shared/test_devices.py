@@ -13,6 +13,7 @@ from shared.devices import (
     Device,
     device_for,
     from_env,
+    host_cores,
     parse_devices,
     pinning_env,
 )
@@ -136,7 +137,7 @@ def test_cpu_slots() -> None:
     assert labels(parse_devices("cpu:2")) == ["cpu:0", "cpu:1"]
     assert labels(parse_devices("cpu:2-3")) == ["cpu:2", "cpu:3"]
     assert labels(parse_devices("cpu:5,1")) == ["cpu:5", "cpu:1"]
-    assert len(parse_devices("cpu")) == len(os.sched_getaffinity(0))
+    assert len(parse_devices("cpu")) == host_cores()  # the affinity, within a CPU quota
     for bad in ("cpu:0", "cpu:x", "cpu:1,1", "tpu:1", "cpu:3-1"):
         with pytest.raises(ConfigError):
             parse_devices(bad)
@@ -154,3 +155,14 @@ def test_the_worker_reads_its_device_from_the_launcher() -> None:
     assert from_env({}) is None
     with pytest.raises(ConfigError):
         from_env({"ASYNCINFER_DEVICE": "gpu:one"})
+
+
+def test_a_cpu_quota_caps_the_cores_counted(tmp_path: Path) -> None:
+    # A container's --cpus=1.5 (cgroup v2 cpu.max): two cores' worth of slots and gateway
+    # processes at most, whatever the affinity shows.
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")
+    assert host_cores(cpu_max) == min(2, len(os.sched_getaffinity(0)))
+    cpu_max.write_text("max 100000\n")
+    assert host_cores(cpu_max) == len(os.sched_getaffinity(0))
+    assert host_cores(tmp_path / "absent") == len(os.sched_getaffinity(0))
