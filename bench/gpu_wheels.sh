@@ -46,19 +46,20 @@ for name in sorted(pins, key=str.lower):
         print(f"{name}=={pins[name]}")
 PYEOF
 echo "downloading $(wc -l < "$reqs") wheels for CPython $PYV into .whl/"
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" \
-  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
-  -d .whl -r "$reqs"
+# Binary wheels for that Python on any manylinux x86-64 (pip matches each tag exactly).
+download() {
+  python3 -m pip download -q --only-binary=:all: --python-version "$PYV" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
+    --platform manylinux1_x86_64 "$@"
+}
+download --no-deps -d .whl -r "$reqs"
 # The benchmark's peer, BentoML at the pin bench/systems.py names, with what it requires for that
 # Python, resolved by pip; numpy and torch stay the GPU machine's own.
 bento_pin=$(sed -n 's/^BENTOML_PIN = "\(.*\)"$/\1/p' bench/systems.py)
 echo "downloading $bento_pin and its requirements for CPython $PYV into .whl/bento/"
 rm -rf .whl/bento && mkdir -p .whl/bento
-python3 -m pip download -q --only-binary=:all: --python-version "$PYV" \
-  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
-  -d .whl/bento "$bento_pin"
+download -d .whl/bento "$bento_pin"
 rm -f .whl/bento/numpy-*.whl .whl/bento/torch-*.whl
 # redis-server: the binary and the libraries a CUDA image is unlikely to have.
 if command -v redis-server >/dev/null; then

@@ -315,14 +315,13 @@ def ensure_bento_venv(root: Path, log: Path) -> Path:
             if wheels:
                 shutil.rmtree(venv, ignore_errors=True)
                 _offline_bento_venv(venv, Path(wheels), run)
-                marker.write_text("\n".join(pins) + "\n")
-                return venv
-            if not py.exists():
-                run(sys.executable, "-m", "venv", str(venv))
-            # A pinned torch resolves to the local CPU wheel; an unpinned one would pull CUDA.
-            # Fail fast where no package index answers (a lent GPU machine, say).
-            run(str(py), "-m", "pip", "install", "-q", "--retries", "1", "--timeout", "20",
-                *pins)
+            else:
+                if not py.exists():
+                    run(sys.executable, "-m", "venv", str(venv))
+                # A pinned torch resolves to the local CPU wheel; an unpinned one would pull
+                # CUDA. Fail fast where no package index answers (a lent GPU machine, say).
+                run(str(py), "-m", "pip", "install", "-q", "--retries", "1", "--timeout", "20",
+                    *pins)
         except (OSError, subprocess.CalledProcessError) as exc:
             raise RuntimeError(f"cannot install {BENTOML_PIN} (see {log}): {exc}") from exc
     marker.write_text("\n".join(pins) + "\n")

@@ -38,6 +38,12 @@ SUBMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+def replica_id() -> str:
+    """A name for one gateway replica (a process, or a server of several) in the exporter
+    lease: unique per start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 class _Exporter:
     """asyncinfer_gateway_system_exporter, made at each scrape: a Gauge object would leave one
     series per process in the multiprocess files."""
@@ -62,7 +68,7 @@ class GatewayMetrics:
                  server_id: str | None = None, shared_dir: str | None = None) -> None:
         self.redis = redis
         self.specs = specs
-        self.replica = server_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.replica = server_id or replica_id()
         self.shared_dir = shared_dir
         self._warned = False
         self.registry = CollectorRegistry()

@@ -19,9 +19,7 @@ import contextlib
 import fcntl
 import logging
 import os
-import secrets
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -34,7 +32,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from gateway.app import create_app
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, replica_id
 from shared import tracing
 from shared.logs import configure_logging
 from shared.procs import die_with_parent
@@ -99,7 +97,7 @@ def run_many(settings: Settings, processes: int) -> int:
     STARTUP_FAILURE when a process could not start: it would fail the same way again)."""
     # A bad models file fails here, once, not in every process's restart loop.
     create_app(settings)
-    server_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    server_id = replica_id()
     with metrics_folder() as folder:
         os.environ.update({METRICS_DIR_ENV: folder, SERVER_ID_ENV: server_id,
                            PARENT_PID_ENV: str(os.getpid())})

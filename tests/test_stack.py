@@ -16,6 +16,7 @@ import pytest
 from asyncinfer.loadgen import SteadyLoad
 from shared.procs import free_port
 from tests.conftest import wait_until
+from tests.procfs import children
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(sys.executable).parent / "asyncinfer"
@@ -26,20 +27,11 @@ ROLE_MARKS = {"gateway": b"gateway", "batcher": b"batcher", "autoscaler": b"work
 def _children(parent: int) -> dict[str, int]:
     """The roles `asyncinfer up` (pid `parent`) runs now, by name."""
     out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) != parent:
-            continue
+    for pid, cmd in children(parent).items():
         for role, mark in ROLE_MARKS.items():
             # redis-server rewrites its title into one string: "redis-server 127.0.0.1:PORT".
             if any(part == mark or (part.startswith(b"/") and mark in part) for part in cmd):
-                out[role] = int(entry.name)
+                out[role] = pid
     return out
 
 

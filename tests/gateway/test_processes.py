@@ -25,6 +25,7 @@ from shared.procs import free_port
 from shared.settings import Settings
 from tests.conftest import Procs, env_of, wait_until
 from tests.gateway.test_metrics import _value, needs_promtool, promtool_problems
+from tests.procfs import alive, children
 
 pytestmark = pytest.mark.slow
 JOBS = 60
@@ -37,27 +38,10 @@ def test_the_default_is_one_process_per_four_cores_and_at_most_four() -> None:
     assert server_processes(3, 2) == 3  # asked for: as many as asked
 
 
-def _alive(pid: int) -> bool:
-    try:  # a zombie (state Z) has exited; its parent, or init, has yet to reap it
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _servers(parent: int) -> list[int]:
     """The live server processes under a gateway (uvicorn's; not multiprocessing's tracker)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == parent and stat[0] != "Z" and b"--multiprocessing-fork" in cmd:
-            out.append(int(entry.name))
-    return sorted(out)
+    return sorted(pid for pid, cmd in children(parent).items()
+                  if b"--multiprocessing-fork" in cmd)
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -144,9 +128,9 @@ def test_a_killed_process_is_replaced_and_a_killed_server_takes_the_rest_along(
     gateway.wait(10)
     # Each gets SIGTERM from the kernel and stops as on a normal stop (no request is open here).
     deadline = time.monotonic() + 15
-    while any(map(_alive, rest)) and time.monotonic() < deadline:
+    while any(map(alive, rest)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(map(_alive, rest)), "orphaned gateway processes"
+    assert not any(map(alive, rest)), "orphaned gateway processes"
     port = int(url.rsplit(":", 1)[1])
     with socket.socket() as s:  # free for the next server
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
