@@ -94,7 +94,8 @@ class Stack:
 
     def start(self) -> None:
         if "ASYNCINFER_REDIS_URL" not in os.environ:
-            self.redis_server = RedisServer(self.state_dir / "redis")
+            self.redis_server = RedisServer(self.state_dir / "redis",
+                                            appendfsync=self.settings.redis_appendfsync)
             self.settings = self.settings.model_copy(
                 update={"redis_url": self.redis_server.url})
         self.secrets = ensure_secrets(self.state_dir, self.settings)

@@ -25,7 +25,7 @@ from bench.analysis import (
     targets,
 )
 from bench.docs import DOCS
-from bench.reporttext import LONE_JOB, METHOD, REPRODUCE, profile_section
+from bench.reporttext import LONE_JOB, METHOD, REPRODUCE, lone_batch_table, profile_section
 
 NAMES = {OURS: "asyncinfer", BENTO2: "BentoML workers=2", BENTO1: "BentoML workers=1",
          f"{OURS}/jobs": "asyncinfer, submit + long-poll",
@@ -374,7 +374,9 @@ def markdown(results: dict[str, dict[str, Any]], docs: Path) -> str:
     for device, res in results.items():
         device_section(device, res, L)
     eta_section(docs / "bench-data" / "cpu" / "eta.json", L)
-    L.append(LONE_JOB)
+    lone = docs / "bench-data" / "cpu" / "lone-batch.json"
+    L.append(LONE_JOB.replace("{lone_batch}", lone_batch_table(
+        json.loads(lone.read_text()) if lone.exists() else None)))
     L.append("## Plots\n")
     for device in results:
         suffix, where = ("", "") if device == "cpu" else (f"-{device}", " (GPU)")

@@ -4,6 +4,7 @@ before/after table bench.profile_hotpath writes between markers (a new report ke
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 METHOD = """## Method
 
@@ -120,17 +121,20 @@ one) the stack spent about 10 ms of CPU per job here (the workers 6 ms for a 1.4
 batcher and gateway 1.6 ms each, Redis 1.35 ms) against BentoML's 5.7 ms, so from a quarter of
 its saturation the two cores queue every leg; the worker's per-batch CPU is the next lead.
 
-Measured for that lead, not built: the worker's side of a lone job in process, against a
-private Redis and without Celery (the MLP, 600 lone batches, medians, one sitting).
-`ModelRuntime.run_batch` took 4.73 ms. The same start, stages and final write done on the compute
-thread with a synchronous client took 4.38 ms. The pieces of the first: `START` 0.40 ms, the
-final write with its lane report 0.87 ms, and the hop to the compute thread 0.46 ms (the stages
-took 3.26 ms through it and 2.80 ms inline; the MLP's predict alone was 2.17 ms in that sitting,
-on a slower day than the table above). A loopback `PING` cost 0.20 ms from the asyncio client and
-0.13 ms from the synchronous one. A lone batch that skips the event loop would save those
-0.35 ms plus the 0.41 ms hand-over from Celery's thread, about 0.7 ms. To build it, the store
-must first be split into argument building and I/O, so the Lua calls are written once for both
-clients, and the path needs its own watchdog for a stuck batch.
+Built since, for that lead: a lone batch skips the event loop (`workers/direct.py`). When the
+worker holds no other batch, Celery's thread hands a one-job batch straight to the compute
+thread, which runs START, the stages and the final write with its lane report itself, through a
+blocking client: one cross-thread hop instead of four. Anything else, a START that finds no job
+to run or fails, and a final write that fails, goes back to the event loop's path (which rides
+out Redis outages); a hung predict there is given up by the heartbeat's watchdog. The two paths
+side by side, in process, against a private Redis that fsyncs every write and without Celery
+(steadier than the end-to-end runs above):
+
+{lone_batch}
+
+Less than the 0.7 ms estimated above, in three sittings 0.13 to 0.30 ms (4-8%) and 6-8% of the
+CPU. End to end, one client on `asyncinfer up`, the gain was inside this machine's run-to-run
+noise (the p50 of the same code moved by ±1 ms between repeats).
 
 ## Hot path, second round
 
@@ -158,6 +162,25 @@ dispatch checks each entry's owner (`XPENDING`) and moves it (`XCLAIM`), the sta
 owner again and resets the entry's idle time, and a submit ranks the job in its due set
 (`ZADD`, `ZCOUNT`, `ZCARD`) for its ETA and admission.
 """
+
+def lone_batch_table(res: dict[str, Any] | None) -> str:
+    """The table of `python -m bench.lone_batch` (docs/bench-data/cpu/lone-batch.json)."""
+    if res is None:
+        return "(run `python -m bench.lone_batch` to measure.)"
+    loop, direct = res["ways"]["loop"], res["ways"]["direct"]
+    rows = "\n".join(
+        f"| {label} | {w['p50_ms']:.2f} ms | {w['p90_ms']:.2f} ms | {w['cpu_ms']:.2f} ms |"
+        for label, w in (("event loop's path (`run_batch`)", loop),
+                         ("direct path (`workers.direct`)", direct)))
+    return (f"Measured {res['at']} on {res['cpus']} CPUs, {res['rounds']} lone MLP batches per "
+            "path, alternating (`python -m bench.lone_batch`; raw JSON in "
+            "[bench-data/cpu/lone-batch.json](bench-data/cpu/lone-batch.json)): from the "
+            "hand-over by the calling thread to the final write's reply, and the process's CPU "
+            "over that time.\n\n"
+            "| path | p50 | p90 | CPU per batch |\n|---|---|---|---|\n"
+            f"{rows}\n\nThe direct path takes {direct['p50_ms'] / loop['p50_ms']:.0%} of the "
+            f"loop's p50 and {direct['cpu_ms'] / loop['cpu_ms']:.0%} of its CPU per batch.")
+
 
 PROFILE_START, PROFILE_END = "<!-- profile-table -->", "<!-- /profile-table -->"
 

@@ -209,12 +209,13 @@ class OursStack(Server):
     workers: int = 1
     models: str = ""
     workers_timeout_s: float = 120.0  # for the workers to serve, once `up` answers
+    env: dict[str, str] = field(default_factory=dict)  # more settings, e.g. an fsync policy
 
     def start(self) -> Self:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         models = self.work_dir / "models.toml"
         models.write_text(self.models or models_toml(self.workers))
-        env = _stack_env("", self.port, models, self.devices, self.work_dir)
+        env = {**_stack_env("", self.port, models, self.devices, self.work_dir), **self.env}
         del env["ASYNCINFER_REDIS_URL"]  # `up` starts its own private Redis without it
         self.proc = spawn(["-m", "asyncinfer.cli", "up", "--no-flower", "--state-dir",
                            str(self.work_dir / "state")], env, self.log, cwd=self.cwd,

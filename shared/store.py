@@ -227,22 +227,18 @@ class JobStore:
         jobs it already started answer 'run' with their attempts unchanged."""
         if not job_ids:
             return []
+        job_keys, args = self.start_call(job_ids, worker, device, consumer=consumer, solo=solo,
+                                         attempt_cap=attempt_cap, batch_id=batch_id)
+        return started(job_ids, await self._start(keys=job_keys, args=args))
+
+    def start_call(self, job_ids: Sequence[str], worker: str, device: str, *, consumer: str,
+                   solo: bool, attempt_cap: int, batch_id: str) -> tuple[list[str], list[Any]]:
+        """The START script's keys and arguments (for this client or a blocking one)."""
         cap = attempt_cap or 1_000_000
-        replies = await self._start(
-            keys=[keys.job(j) for j in job_ids],
-            args=[now_ms(), worker, device, keys.BATCHER_GROUP, consumer, "1" if solo else "0",
-                  self.max_attempts, cap, keys.RUNNING_CHANNEL, keys.webhooks(),
-                  keys.WEBHOOKS_MAXLEN, batch_id])
-        out: list[Started] = []
-        for job_id, reply in zip(job_ids, replies, strict=True):
-            kind = _s(reply[0])
-            if kind == "run":
-                out.append(Started(job_id, "run", int(reply[1]), _s(reply[2]), int(reply[3])))
-            elif kind == "poison":
-                out.append(Started(job_id, "poison", int(reply[1])))
-            else:
-                out.append(Started(job_id, _s(reply[1]) if len(reply) > 1 else kind))
-        return out
+        return [keys.job(j) for j in job_ids], [
+            now_ms(), worker, device, keys.BATCHER_GROUP, consumer, "1" if solo else "0",
+            self.max_attempts, cap, keys.RUNNING_CHANNEL, keys.webhooks(), keys.WEBHOOKS_MAXLEN,
+            batch_id]
 
     async def finish(self, outcomes: Sequence[Outcome], *,
                      report: tuple[str, Mapping[str, str]] | None = None,
@@ -253,13 +249,30 @@ class JobStore:
         (raises Fenced). Returns, per job, whether this call's state is the one that stuck."""
         if not outcomes:
             return []
-        finished = now_ms()
+        job_keys, args = self.finish_call(outcomes, fence)
+        if report is None:
+            return finished(await self._finish(keys=job_keys, args=args))
+        # EVALSHA queued by hand: a Script object in a pipeline makes redis-py send SCRIPT
+        # EXISTS first, a second round trip on every lone job's path.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(report[0], dict(report[1]), maxlen=keys.COMPLETIONS_MAXLEN,  # type: ignore[arg-type]
+                  approximate=True)
+        pipe.evalsha(self._finish.sha, len(job_keys), *job_keys, *args)
+        added, replies = await pipe.execute(raise_on_error=False)
+        if isinstance(replies, NoScriptError):  # a restarted Redis: load it, once
+            replies = await self._finish(keys=job_keys, args=args)
+        return finished(replies, added)
+
+    def finish_call(self, outcomes: Sequence[Outcome],
+                    fence: tuple[str, str] | None = None) -> tuple[list[str], list[Any]]:
+        """The FINISH script's keys and arguments (for this client or a blocking one)."""
         args: list[Any] = [self.result_ttl_ms, keys.FINAL_CHANNEL, keys.BATCHER_GROUP,
                            keys.STATS_PREFIX, keys.WEBHOOKS_MAXLEN, keys.PUBLISH_RECORD_MAX_BYTES,
                            *(fence or ("", ""))]
+        stamp = now_ms()
         for o in outcomes:
             assert o.status in FINAL_STATUSES, o.status
-            fields: list[Any] = ["finished_ms", finished]
+            fields: list[Any] = ["finished_ms", stamp]
             if o.output_json is not None:
                 fields += ["output", o.output_json]
             if o.error is not None:
@@ -268,26 +281,7 @@ class JobStore:
                 if value is not None:
                     fields += [name, value]
             args += [o.status, len(fields) // 2, *fields]
-        job_keys = [keys.webhooks(), *(keys.job(o.job_id) for o in outcomes)]
-        if report is None:
-            replies = await self._finish(keys=job_keys, args=args)
-        else:
-            # EVALSHA queued by hand: a Script object in a pipeline makes redis-py send SCRIPT
-            # EXISTS first, a second round trip on every lone job's path.
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xadd(report[0], dict(report[1]), maxlen=keys.COMPLETIONS_MAXLEN,  # type: ignore[arg-type]
-                      approximate=True)
-            pipe.evalsha(self._finish.sha, len(job_keys), *job_keys, *args)
-            added, replies = await pipe.execute(raise_on_error=False)
-            if isinstance(added, Exception):
-                raise added
-            if isinstance(replies, NoScriptError):  # a restarted Redis: load it, once
-                replies = await self._finish(keys=job_keys, args=args)
-            elif isinstance(replies, Exception):
-                raise replies
-        if isinstance(replies, bytes | str):
-            raise Fenced(_s(replies))
-        return [int(r) == 1 for r in replies]
+        return [keys.webhooks(), *(keys.job(o.job_id) for o in outcomes)], args
 
     async def dead_letter(self, model: str, job_id: str, attempts: int, reason: str) -> None:
         await self.redis.xadd(keys.dead_letters(model),
@@ -312,6 +306,31 @@ class JobStore:
                     if keys.worker_of_consumer(_s(c.get("name", ""))) is not None:
                         in_flight += int(c.get("pending", 0))
         return max(0, total - in_flight), in_flight
+
+
+def started(job_ids: Sequence[str], replies: Sequence[Any]) -> list[Started]:
+    """What START found for each job, from its reply."""
+    out: list[Started] = []
+    for job_id, reply in zip(job_ids, replies, strict=True):
+        kind = _s(reply[0])
+        if kind == "run":
+            out.append(Started(job_id, "run", int(reply[1]), _s(reply[2]), int(reply[3])))
+        elif kind == "poison":
+            out.append(Started(job_id, "poison", int(reply[1])))
+        else:
+            out.append(Started(job_id, _s(reply[1]) if len(reply) > 1 else kind))
+    return out
+
+
+def finished(replies: Any, added: Any = None) -> list[bool]:
+    """Per job, whether the FINISH call's state stuck; raises the error of either reply (the
+    lane report's XADD `added`, the script's `replies`) and Fenced for a fenced write."""
+    for reply in (added, replies):
+        if isinstance(reply, Exception):
+            raise reply
+    if isinstance(replies, bytes | str):
+        raise Fenced(_s(replies))
+    return [int(r) == 1 for r in replies]
 
 
 def _s(value: bytes | str | int) -> str:

@@ -13,8 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from asyncinfer import stack as stack_module
 from asyncinfer.loadgen import SteadyLoad
+from asyncinfer.stack import Stack
+from asyncinfer.supervisor import Role
 from shared.procs import free_port
+from shared.redisconn import connect_sync
+from shared.settings import Settings
 from tests.conftest import wait_until
 from tests.procfs import children
 
@@ -146,6 +151,44 @@ def test_up_restarts_killed_roles_under_load_and_loses_nothing(tmp_path: Path) -
     assert code == 0, log
     assert "asyncinfer stopped." in log
     wait_until(lambda: not _stack_pids(state), 10, "no process of the stack left")
+
+
+@pytest.mark.parametrize("env, policy", [({}, "always"),
+                                         ({"ASYNCINFER_REDIS_APPENDFSYNC": "everysec"},
+                                          "everysec")])
+def test_the_embedded_redis_runs_with_the_fsync_policy_asked_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+        policy: str) -> None:
+    """By default the Redis `up` starts answers a write only once it is on disk (what the
+    chaos test above rests on); ASYNCINFER_REDIS_APPENDFSYNC trades that for latency. The
+    roles' supervisor is replaced by one that starts only Redis."""
+    started: list[Role] = []
+
+    class RedisOnly:
+        def __init__(self, roles: list[Role], **_: object) -> None:
+            self.roles = roles
+
+        def start_all(self) -> None:
+            [redis_role] = [r for r in self.roles if r.name == "redis"]
+            redis_role.start()
+            started.append(redis_role)
+
+    monkeypatch.setattr(stack_module, "Supervisor", RedisOnly)
+    monkeypatch.delenv("ASYNCINFER_REDIS_URL", raising=False)
+    monkeypatch.delenv("ASYNCINFER_REDIS_APPENDFSYNC", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    stack = Stack(Settings(), tmp_path / "state", with_flower=False)
+    stack.start()
+    assert started and stack.redis_server is not None
+    try:
+        client = connect_sync(stack.settings)
+        try:
+            assert client.config_get("appendfsync") == {"appendfsync": policy}
+        finally:
+            client.close()
+    finally:
+        stack.redis_server.stop()
 
 
 def _port_open(port: int) -> bool:

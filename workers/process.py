@@ -43,13 +43,15 @@ from shared.devices import Device, device_for, from_env, parse_devices
 from shared.heartbeats import Heartbeat, HeartbeatPublisher, worker_name
 from shared.model import ModelContext
 from shared.modelspec import ModelSpec, load_specs
-from shared.redisconn import connect
+from shared.redisconn import connect, connect_sync
 from shared.settings import Settings
-from shared.store import JobStore
+from shared.store import JobStore, Outcome
+from shared.syncstore import BlockingWrites
 from workers import context, devicecheck, liveness
+from workers.direct import DirectPath, DirectResult
 from workers.loop import LoopThread
 from workers.refresh import HeldEntries
-from workers.runtime import BatchRequest, BatchTimeout, ModelRuntime
+from workers.runtime import BatchReport, BatchRequest, BatchTimeout, ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ class Worker:
                                     consumer=keys.worker_consumer(self.worker_id),
                                     lane_free=self._lane_freed, attempt_cap=attempt_cap,
                                     compute_thread_init=lambda: pin_thread(self.cores))
+        self.direct = DirectPath(self.runtime, BlockingWrites(self.store,
+                                                              connect_sync(settings)))
+        self._given_up: set[str] = set()  # stuck direct batches already being given up
         self.app = make_celery(settings)
         # no_ack: the stream's pending list is the ledger, not Celery's unacked set (a task is
         # never redelivered by Celery), and skipping the transport's ack bookkeeping (two round
@@ -143,11 +148,43 @@ class Worker:
         """The Celery task, on the consumer's thread: hand the batch to the loop and return."""
         trace = tracing.received(self.app.current_task.request.__dict__) if tracing.ON else None
         req = BatchRequest(model, batch_id, job_ids, dispatched_ms, solo, trace)
+        held = len(self.held)
         self.held.add(batch_id, entries or [])
         self._show_batches()
-        running = self.loop.spawn(self._run(req))
-        running.add_done_callback(lambda done: self._batch_over(batch_id, done))
+        if self.direct.eligible(req, held):
+            direct = self.direct.submit(req)
+            direct.add_done_callback(lambda done: self._direct_over(req, done))
+        else:
+            self._on_loop(req)
         return {"batch": batch_id, "jobs": len(job_ids)}
+
+    def _on_loop(self, req: BatchRequest) -> None:
+        running = self.loop.spawn(self._run(req))
+        running.add_done_callback(lambda done: self._batch_over(req.batch_id, done))
+
+    def _direct_over(self, req: BatchRequest,
+                     done: concurrent.futures.Future[DirectResult]) -> None:
+        """On the compute thread, after a direct run: hand to the loop what it left undone."""
+        if done.cancelled() or done.exception() is not None:
+            # Like the loop's path: the lane is free, the entries go back once unrefreshed.
+            self.runtime.lane_free(req.batch_id)
+            self.loop.spawn(self.runtime.send_report(
+                BatchReport(req.batch_id, rows=len(req.job_ids), outcome="error")))
+            self._batch_over(req.batch_id, done)
+            return
+        result = done.result()
+        if result.unwritten is not None:
+            outcomes, fields = result.unwritten
+            writing = self.loop.spawn(self._write_late(outcomes, fields))
+            writing.add_done_callback(lambda w: self._batch_over(req.batch_id, w))
+        elif not result.done:
+            self._on_loop(req)
+        else:
+            self._batch_over(req.batch_id, done)
+
+    async def _write_late(self, outcomes: list[Outcome], fields: dict[str, str]) -> None:
+        await asyncio.wait_for(self.runtime.finish(outcomes, report=fields),
+                               self.runtime.outer_limit_s())
 
     def _batch_over(self, batch_id: str, done: concurrent.futures.Future[Any]) -> None:
         self.held.remove(batch_id)
@@ -173,6 +210,7 @@ class Worker:
             self._side_beat.cancel()
             self._side_beat = None
         self._show_batches()
+        self._watch_direct()
         try:
             self.loop.call(self._beat_async(), timeout_s=self.settings.heartbeat_lapse_s / 2)
         except Exception as exc:  # never let a Redis hiccup stop the consumer loop
@@ -183,10 +221,18 @@ class Worker:
         await self.held.refresh()
         await self.runtime.latencies.flush(self.redis)
 
+    def _watch_direct(self) -> None:
+        """Give up on direct batches stuck past their limit (checked at every beat)."""
+        for req in self.direct.stuck(time.monotonic()):
+            if req.batch_id not in self._given_up:
+                self._given_up.add(req.batch_id)
+                self.loop.spawn(self._direct_stuck(req))
+
     async def _beat_forever(self) -> None:
         """Beats while Celery's consumer does not run: loading the model, and draining (its
         consumer stopped taking batches, the running ones finish)."""
         while True:
+            self._watch_direct()
             try:
                 await self._beat_async()
             except Exception as exc:
@@ -207,6 +253,13 @@ class Worker:
                 await self._give_up(req, limit_s)
             raise
         return {"batch": req.batch_id, "ok": report.ok, "failed": report.failed}
+
+    async def _direct_stuck(self, req: BatchRequest) -> None:
+        """A direct batch's predict hangs past its limit and grace: report the timeout, as the
+        loop's path does, and give up."""
+        await self.runtime.send_report(BatchReport(req.batch_id, rows=len(req.job_ids),
+                                                   outcome="timeout"))
+        await self._give_up(req, self.spec.options.batch_timeout_s)
 
     async def _give_up(self, req: BatchRequest, limit_s: float) -> None:
         """A thread is stuck past the time limit: fail a lone suspect job (the hanging item,
@@ -242,6 +295,7 @@ class Worker:
                 self._side_beat.cancel()
             self.loop.call(self.heartbeat.remove(), timeout_s=5)
             self.loop.stop()
+            self.direct.writes.close()
             log.info("worker stopped worker=%s", self.worker_id)
 
     def _finish_running(self) -> None:

@@ -9,6 +9,7 @@ is over (done, failed, or past its time limit) the batcher is told its lane is f
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -106,7 +107,7 @@ class ModelRuntime:
         self.ctx = ctx
         self.store = store
         self.consumer = consumer
-        self._lane_free = lane_free or (lambda batch_id: None)
+        self.lane_free = lane_free or (lambda batch_id: None)
         self._reports: set[asyncio.Task[None]] = set()
         self.attempt_cap = attempt_cap
         self.tail_ms = 0.0  # postprocess + final write, smoothed: reported with the next batch
@@ -188,6 +189,21 @@ class ModelRuntime:
             report.add_span("postprocess", q0, time.monotonic())
 
         run_ms = round((time.monotonic() - t0) * 1000, 3)
+        outcomes += self.outcomes_of(items, started_ms, run_ms, report)
+        if whole:
+            self.lane_free(report.batch_id)
+            await self.finish(outcomes, report=self.report_fields(report))
+        elif outcomes:
+            await self.finish(outcomes)
+        self.finished(items, run_ms, q0)
+        if req.trace is not None:
+            req.trace.finished(report.spans, t0, {it.job_id: it.error for it in items})
+        return report
+
+    def outcomes_of(self, items: list[_Item], started_ms: float, run_ms: float,
+                    report: BatchReport) -> list[Outcome]:
+        """The final states of the batch's items, counted into `report`."""
+        outcomes = []
         for it in items:
             metrics = {"queue_ms": round(max(0.0, started_ms - it.created_ms), 3),
                        "run_ms": run_ms, "batch_size": len(items),
@@ -200,56 +216,61 @@ class ModelRuntime:
             else:
                 outcomes.append(Outcome(it.job_id, "failed", error=it.error, metrics=metrics))
                 report.failed += 1
-        if whole:
-            self._lane_free(report.batch_id)
-            await self.finish(outcomes, report=self.report_fields(report))
-        elif outcomes:
-            await self.finish(outcomes)
+        return outcomes
+
+    def finished(self, items: list[_Item], run_ms: float, tail_from: float) -> None:
+        """After the final write: the latency histograms and the smoothed tail (postprocess
+        and final write, from `tail_from`) reported with the next batch."""
         done_ms = time.time() * 1000
         for it in items:
             self.latencies.observe(RUN, run_ms / 1000)
             self.latencies.observe(END_TO_END, max(0.0, done_ms - it.created_ms) / 1000)
-        if req.trace is not None:
-            req.trace.finished(report.spans, t0, {it.job_id: it.error for it in items})
-        tail_ms = (time.monotonic() - q0) * 1000
+        tail_ms = (time.monotonic() - tail_from) * 1000
         self.tail_ms = tail_ms if not self.tail_ms else self.tail_ms + (tail_ms - self.tail_ms) / 8
-        return report
 
     async def _run_alone(self, it: _Item, report: BatchReport) -> None:
         """One job: parse, preprocess, predict and postprocess in one hop to the compute thread
         (a one-item batch has nothing to overlap, and each hop costs more than small stages)."""
-
         spans: dict[str, tuple[float, float]] = {}
-
-        def stages() -> tuple[str | None, Any]:
-            t0 = time.monotonic()
-            try:
-                value = self._parse_and_preprocess(it.value)
-            except BaseException as exc:
-                return "preprocess_error", exc
-            finally:
-                spans["preprocess"] = (t0, time.monotonic())
-            p0 = time.monotonic()
-            try:
-                out = self.model.predict([value])
-                if len(out) != 1:
-                    raise ValueError(f"predict returned {len(out)} results for 1 item")
-            except Exception as exc:
-                return "predict_error", exc
-            finally:
-                spans["predict"] = (p0, time.monotonic())
-            q0 = time.monotonic()
-            try:
-                return None, self._postprocess(out[0])
-            except BaseException as exc:
-                return "postprocess_error", exc
-            finally:
-                spans["postprocess"] = (q0, time.monotonic())
-
         w0 = time.monotonic()
         async with self._predict_slots:
             report.lane_wait_ms += (time.monotonic() - w0) * 1000
-            kind, value = await self._on_compute_thread(stages, 1)
+            kind, value = await self._on_compute_thread(lambda: self.stages(it.value, spans), 1)
+        self.settle(it, kind, value, spans, report)
+
+    def stages(self, raw: Any, spans: dict[str, tuple[float, float]]
+               ) -> tuple[str | None, Any]:
+        """One item's parse, preprocess, predict and postprocess in the calling thread: (None,
+        output JSON), or (the failed stage's error kind, its exception). Times each stage into
+        `spans`."""
+        t0 = time.monotonic()
+        try:
+            value = self._parse_and_preprocess(raw)
+        except BaseException as exc:
+            return "preprocess_error", exc
+        finally:
+            spans["preprocess"] = (t0, time.monotonic())
+        p0 = time.monotonic()
+        try:
+            out = self.model.predict([value])
+            if len(out) != 1:
+                raise ValueError(f"predict returned {len(out)} results for 1 item")
+        except Exception as exc:
+            return "predict_error", exc
+        finally:
+            spans["predict"] = (p0, time.monotonic())
+        q0 = time.monotonic()
+        try:
+            return None, self._postprocess(out[0])
+        except BaseException as exc:
+            return "postprocess_error", exc
+        finally:
+            spans["postprocess"] = (q0, time.monotonic())
+
+    @staticmethod
+    def settle(it: _Item, kind: str | None, value: Any,
+               spans: dict[str, tuple[float, float]], report: BatchReport) -> None:
+        """Put `stages`' result into the item and its timings into the report."""
         for name, (start, end) in spans.items():
             report.add_span(name, start, end)
         if "predict" in spans:
@@ -283,12 +304,12 @@ class ModelRuntime:
     def _report_soon(self, report: BatchReport) -> None:
         """Tell the batcher the lane is free, without waiting for the reply: the postprocess
         and the final write go on meanwhile."""
-        self._lane_free(report.batch_id)
-        task = asyncio.create_task(self._send_report(report))
+        self.lane_free(report.batch_id)
+        task = asyncio.create_task(self.send_report(report))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
-    async def _send_report(self, report: BatchReport) -> None:
+    async def send_report(self, report: BatchReport) -> None:
         fields = self.report_fields(report)
         try:
             await _through_outage(
@@ -378,6 +399,11 @@ class ModelRuntime:
 
     async def _call_predict(self, batch: list[Any]) -> Any:
         return await self._on_compute_thread(lambda: self.model.predict(batch), len(batch))
+
+    def on_compute_thread(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """`fn` on the compute thread (the one pinned to the slot), with no time limit: the
+        caller watches it (see `workers.direct`)."""
+        return self._predict_pool.submit(fn)
 
     async def _on_compute_thread(self, fn: Callable[[], T], size: int) -> T:
         """`fn` on the compute thread, within the time limit (plus a grace in which a late

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -28,14 +27,6 @@ from workers.runtime import BatchRequest, ModelRuntime
 
 MODEL = "synthetic"
 CONSUMER = keys.worker_consumer("w-outage")
-
-
-@pytest.fixture
-async def direct(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 def _sha(script: str) -> bytes:

@@ -196,3 +196,35 @@ def test_a_hanging_item_fails_alone_with_timeout_and_its_batch_mates_succeed(
     assert {d["metrics"]["attempts"] for i, d in enumerate(done) if i != 1} == {2}
     [after] = _final(url, _jobs(url, [{"x": 4}]))
     assert after["status"] == "succeeded" and after["output"] == {"y": 8.0}
+
+
+def test_a_lone_job_that_hangs_is_given_up_by_the_heartbeat_and_fails_alone_with_timeout(
+        procs: Procs, settings: Settings) -> None:
+    """A batch of one on an idle worker runs on the compute thread with no event loop to time
+    it (workers.direct): the heartbeat's watchdog gives up on it. Without that the job would
+    stay running forever, its entry kept fresh by a live worker."""
+    procs.batcher()
+    worker = procs.worker("synthetic")
+    url = procs.gateway()
+    wait_until(workers_ready(settings, "synthetic", 1), 60, "worker")
+    _final(url, _jobs(url, [{"x": i} for i in range(6)]))  # past the start-up probes
+    [job_id] = _jobs(url, [{"x": 1, "fail": "hang"}])
+    exits: list[int] = []
+
+    def settled() -> bool:
+        nonlocal worker
+        if worker.poll() is not None:
+            exits.append(worker.returncode)
+            worker = procs.worker("synthetic")
+        return _status(url, job_id) in ("succeeded", "failed")
+
+    wait_until(settled, 120, "the job final")
+    if len(exits) == 1:  # the lone suspect's timeout is written just before its worker exits
+        exits.append(worker.wait(30))
+        worker = procs.worker("synthetic")
+    [done] = _final(url, [job_id])
+    assert done["status"] == "failed" and done["error"]["type"] == "timeout"
+    # Given up once on the direct path, then once more run alone as a suspect.
+    assert exits == [STUCK_EXIT_CODE, STUCK_EXIT_CODE]
+    [after] = _final(url, _jobs(url, [{"x": 4}]))
+    assert after["status"] == "succeeded"
