@@ -289,9 +289,10 @@ def phase_http(ctx: Ctx) -> dict[str, Any]:
 
 
 def publish(out: Path, result: dict[str, Any], device: str) -> Path:
-    """Copy the summary and every recorded run's raw JSON to docs/bench-data/<device>/."""
+    """Copy the summary and every recorded run's raw JSON to docs/bench-data/<device>/. What
+    other benchmarks keep there (eta.json, lone-batch.json) stays."""
     dest = DATA / device
-    shutil.rmtree(dest, ignore_errors=True)
+    shutil.rmtree(dest / "runs", ignore_errors=True)
     (dest / "runs").mkdir(parents=True)
     for f in sorted((out / "runs").glob("*.json")):
         if not f.stem.endswith("-warmup"):

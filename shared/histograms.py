@@ -10,6 +10,7 @@ batch behind a queue).
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -49,23 +50,27 @@ class Buckets:
 
 
 class LatencyRecorder:
-    """A worker's unflushed observations of one model; `flush` adds them to Redis."""
+    """A worker's unflushed observations of one model; `flush` adds them to Redis. Observed from
+    any thread (the event loop's, and the compute thread's for a lone batch run there)."""
 
     def __init__(self, model: str) -> None:
         self.model = model
         self.pending: dict[str, Buckets] = {}
+        self._lock = threading.Lock()
 
     def observe(self, name: str, seconds: float) -> None:
-        buckets = self.pending.get(name)
-        if buckets is None:
-            buckets = self.pending[name] = Buckets()
-        buckets.observe(seconds)
+        with self._lock:
+            buckets = self.pending.get(name)
+            if buckets is None:
+                buckets = self.pending[name] = Buckets()
+            buckets.observe(seconds)
 
     async def flush(self, redis: aioredis.Redis) -> None:
         """One round trip; on an error the counts stay pending for the next flush."""
-        if not self.pending:
-            return
-        taken, self.pending = self.pending, {}
+        with self._lock:
+            if not self.pending:
+                return
+            taken, self.pending = self.pending, {}
         pipe = redis.pipeline(transaction=False)
         key = keys.job_latencies(self.model)
         for name, b in taken.items():
@@ -76,10 +81,11 @@ class LatencyRecorder:
         try:
             await pipe.execute()
         except BaseException:
-            for name, b in taken.items():
-                merged = self.pending.setdefault(name, Buckets())
-                merged.counts = [x + y for x, y in zip(merged.counts, b.counts, strict=True)]
-                merged.sum += b.sum
+            with self._lock:
+                for name, b in taken.items():
+                    merged = self.pending.setdefault(name, Buckets())
+                    merged.counts = [x + y for x, y in zip(merged.counts, b.counts, strict=True)]
+                    merged.sum += b.sum
             raise
 
 

@@ -259,9 +259,11 @@ class JobStore:
                   approximate=True)
         pipe.evalsha(self._finish.sha, len(job_keys), *job_keys, *args)
         added, replies = await pipe.execute(raise_on_error=False)
+        if isinstance(added, Exception):
+            raise added
         if isinstance(replies, NoScriptError):  # a restarted Redis: load it, once
             replies = await self._finish(keys=job_keys, args=args)
-        return finished(replies, added)
+        return finished(replies)
 
     def finish_call(self, outcomes: Sequence[Outcome],
                     fence: tuple[str, str] | None = None) -> tuple[list[str], list[Any]]:
@@ -322,12 +324,11 @@ def started(job_ids: Sequence[str], replies: Sequence[Any]) -> list[Started]:
     return out
 
 
-def finished(replies: Any, added: Any = None) -> list[bool]:
-    """Per job, whether the FINISH call's state stuck; raises the error of either reply (the
-    lane report's XADD `added`, the script's `replies`) and Fenced for a fenced write."""
-    for reply in (added, replies):
-        if isinstance(reply, Exception):
-            raise reply
+def finished(replies: Any) -> list[bool]:
+    """Per job, whether the FINISH call's state stuck; raises the script's error, and Fenced
+    for a fenced write."""
+    if isinstance(replies, Exception):
+        raise replies
     if isinstance(replies, bytes | str):
         raise Fenced(_s(replies))
     return [int(r) == 1 for r in replies]

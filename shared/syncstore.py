@@ -43,9 +43,11 @@ class BlockingWrites:
                   approximate=True)
         pipe.evalsha(self._finish.sha, len(job_keys), *job_keys, *args)
         added, replies = pipe.execute(raise_on_error=False)
+        if isinstance(added, Exception):
+            raise added
         if isinstance(replies, NoScriptError):  # a restarted Redis: load it, once
             replies = self._finish(keys=job_keys, args=args)
-        return finished(replies, added)
+        return finished(replies)
 
     def close(self) -> None:
         self.client.close()

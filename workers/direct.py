@@ -15,7 +15,8 @@ path rides out Redis outages:
 - a START that fails, or finds anything but one job to run: the whole batch runs on the loop
   (START is safe to repeat for the same batch: a job it started answers 'run' again, with its
   attempts unchanged; the other verdicts change nothing);
-- a final write that fails: the loop writes those outcomes, retrying through the outage.
+- a final write that fails: the loop writes those outcomes, retrying through the outage (if
+  the first try's lane report landed, the batcher gets it twice and counts the batch once).
 
 A predict that hangs cannot be interrupted here either: `stuck` lists the batches running past
 the time limit and its grace, and the worker's heartbeat gives up on them as the loop's path
@@ -56,7 +57,11 @@ class DirectPath:
         self.runtime = runtime
         self.writes = writes
         self._lock = threading.Lock()  # Celery's thread adds, the compute thread removes
-        self._running: dict[str, tuple[BatchRequest, float]] = {}
+        self._running: dict[str, BatchRequest] = {}
+        # batch -> when its stages began (monotonic), while they run: START and the final write
+        # are Redis round trips, and a Redis stall is an outage, not a hang.
+        self._computing: dict[str, float] = {}
+        self._reported: set[str] = set()  # stuck batches already handed to the watchdog
 
     @staticmethod
     def eligible(req: BatchRequest, held: int) -> bool:
@@ -66,7 +71,7 @@ class DirectPath:
     def submit(self, req: BatchRequest) -> concurrent.futures.Future[DirectResult]:
         """Start the batch on the compute thread; the future ends with how far it got."""
         with self._lock:
-            self._running[req.batch_id] = (req, time.monotonic())
+            self._running[req.batch_id] = req
         try:
             running = self.runtime.on_compute_thread(lambda: self._run(req))
         except BaseException:
@@ -76,14 +81,27 @@ class DirectPath:
         return running
 
     def stuck(self, now: float) -> list[BatchRequest]:
-        """Batches running here past the model's time limit and its grace (`now`: monotonic)."""
+        """Batches whose stages have run here past the model's time limit and its grace (`now`:
+        monotonic), each listed once: the caller gives up on them."""
         limit_s = self.runtime.spec.options.batch_timeout_s + STUCK_GRACE_S
         with self._lock:
-            return [req for req, since in self._running.values() if now - since > limit_s]
+            late = [self._running[b] for b, since in self._computing.items()
+                    if now - since > limit_s and b not in self._reported]
+            self._reported.update(req.batch_id for req in late)
+        return late
+
+    def _computing_since(self, batch_id: str, since: float | None) -> None:
+        with self._lock:
+            if since is None:
+                self._computing.pop(batch_id, None)
+            else:
+                self._computing[batch_id] = since
 
     def _over(self, batch_id: str) -> None:
         with self._lock:
             self._running.pop(batch_id, None)
+            self._computing.pop(batch_id, None)
+            self._reported.discard(batch_id)
 
     def _run(self, req: BatchRequest) -> DirectResult:
         rt = self.runtime
@@ -106,7 +124,11 @@ class DirectPath:
         it = _Item(st.job_id, st.attempts, st.created_ms, st.input_json)
         started_ms = time.time() * 1000
         spans: dict[str, tuple[float, float]] = {}
-        kind, value = rt.stages(it.value, spans)
+        self._computing_since(req.batch_id, time.monotonic())
+        try:
+            kind, value = rt.stages(it.value, spans)
+        finally:
+            self._computing_since(req.batch_id, None)
         rt.settle(it, kind, value, spans, report)
         q0 = time.monotonic()
         run_ms = round((q0 - t0) * 1000, 3)

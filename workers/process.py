@@ -129,7 +129,6 @@ class Worker:
                                     compute_thread_init=lambda: pin_thread(self.cores))
         self.direct = DirectPath(self.runtime, BlockingWrites(self.store,
                                                               connect_sync(settings)))
-        self._given_up: set[str] = set()  # stuck direct batches already being given up
         self.app = make_celery(settings)
         # no_ack: the stream's pending list is the ledger, not Celery's unacked set (a task is
         # never redelivered by Celery), and skipping the transport's ack bookkeeping (two round
@@ -151,11 +150,15 @@ class Worker:
         held = len(self.held)
         self.held.add(batch_id, entries or [])
         self._show_batches()
-        if self.direct.eligible(req, held):
-            direct = self.direct.submit(req)
-            direct.add_done_callback(lambda done: self._direct_over(req, done))
-        else:
-            self._on_loop(req)
+        try:
+            if self.direct.eligible(req, held):
+                direct = self.direct.submit(req)
+                direct.add_done_callback(lambda done: self._direct_over(req, done))
+            else:
+                self._on_loop(req)
+        except BaseException:  # shutting down: nothing will run it, so nothing may hold it
+            self.held.remove(batch_id)
+            raise
         return {"batch": batch_id, "jobs": len(job_ids)}
 
     def _on_loop(self, req: BatchRequest) -> None:
@@ -165,6 +168,14 @@ class Worker:
     def _direct_over(self, req: BatchRequest,
                      done: concurrent.futures.Future[DirectResult]) -> None:
         """On the compute thread, after a direct run: hand to the loop what it left undone."""
+        try:
+            self._after_direct(req, done)
+        except BaseException:  # the loop is gone (shutting down): the batch is not held
+            self.held.remove(req.batch_id)
+            raise
+
+    def _after_direct(self, req: BatchRequest,
+                      done: concurrent.futures.Future[DirectResult]) -> None:
         if done.cancelled() or done.exception() is not None:
             # Like the loop's path: the lane is free, the entries go back once unrefreshed.
             self.runtime.lane_free(req.batch_id)
@@ -222,11 +233,11 @@ class Worker:
         await self.runtime.latencies.flush(self.redis)
 
     def _watch_direct(self) -> None:
-        """Give up on direct batches stuck past their limit (checked at every beat)."""
+        """Give up on direct batches stuck past their limit (checked at every beat). Like the
+        loop's path, it exits even if the predict came back meanwhile: the timeout was
+        reported, so the batch's jobs must come back through this death."""
         for req in self.direct.stuck(time.monotonic()):
-            if req.batch_id not in self._given_up:
-                self._given_up.add(req.batch_id)
-                self.loop.spawn(self._direct_stuck(req))
+            self.loop.spawn(self._direct_stuck(req))
 
     async def _beat_forever(self) -> None:
         """Beats while Celery's consumer does not run: loading the model, and draining (its
@@ -250,7 +261,7 @@ class Worker:
             # A timeout was reported to the batcher as one: always exit after it, even if the
             # stuck thread came back meanwhile, so its jobs return through this death.
             if isinstance(exc, TimeoutError | asyncio.CancelledError | BatchTimeout):
-                await self._give_up(req, limit_s)
+                await self._give_up(req, limit_s, "loop")
             raise
         return {"batch": req.batch_id, "ok": report.ok, "failed": report.failed}
 
@@ -259,15 +270,16 @@ class Worker:
         loop's path does, and give up."""
         await self.runtime.send_report(BatchReport(req.batch_id, rows=len(req.job_ids),
                                                    outcome="timeout"))
-        await self._give_up(req, self.spec.options.batch_timeout_s)
+        await self._give_up(req, self.spec.options.batch_timeout_s, "direct")
 
-    async def _give_up(self, req: BatchRequest, limit_s: float) -> None:
+    async def _give_up(self, req: BatchRequest, limit_s: float, path: str) -> None:
         """A thread is stuck past the time limit: fail a lone suspect job (the hanging item,
         isolated), say goodbye so the batcher reclaims the rest at once, and exit."""
         if req.solo:
             await self.runtime.finish(self.runtime.timeout_outcomes(req))
         log.error("batch stuck past its time limit; exiting for restart worker=%s batch=%s "
-                  "limit_s=%s solo=%s", self.worker_id, req.batch_id, limit_s, req.solo)
+                  "limit_s=%s solo=%s path=%s", self.worker_id, req.batch_id, limit_s, req.solo,
+                  path)
         try:
             await asyncio.wait_for(self.heartbeat.remove(), 2.0)
         finally:

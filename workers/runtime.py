@@ -235,7 +235,8 @@ class ModelRuntime:
         w0 = time.monotonic()
         async with self._predict_slots:
             report.lane_wait_ms += (time.monotonic() - w0) * 1000
-            kind, value = await self._on_compute_thread(lambda: self.stages(it.value, spans), 1)
+            (kind, value), _ = await self._on_compute_thread(
+                lambda: self.stages(it.value, spans), 1, report)
         self.settle(it, kind, value, spans, report)
 
     def stages(self, raw: Any, spans: dict[str, tuple[float, float]]
@@ -375,14 +376,14 @@ class ModelRuntime:
         try:
             w0 = time.monotonic()
             async with self._predict_slots:
-                p0 = time.monotonic()
-                report.lane_wait_ms += (p0 - w0) * 1000
+                began = [time.monotonic()]
+                report.lane_wait_ms += (began[0] - w0) * 1000
                 try:
-                    out = await self._call_predict(batch)
+                    out = await self._call_predict(batch, report, began)
                 finally:
                     p1 = time.monotonic()
-                    report.add_span("predict", p0, p1)
-                    report.predict_ms += (p1 - p0) * 1000
+                    report.add_span("predict", began[0], p1)
+                    report.predict_ms += (p1 - began[0]) * 1000
             if len(out) != len(batch):
                 raise ValueError(f"predict returned {len(out)} results for {len(batch)} items")
             return list(out)
@@ -397,22 +398,41 @@ class ModelRuntime:
             return (await self._predict(batch[:mid], report)
                     + await self._predict(batch[mid:], report))
 
-    async def _call_predict(self, batch: list[Any]) -> Any:
-        return await self._on_compute_thread(lambda: self.model.predict(batch), len(batch))
+    async def _call_predict(self, batch: list[Any], report: BatchReport,
+                            began: list[float]) -> Any:
+        out, began[0] = await self._on_compute_thread(lambda: self.model.predict(batch),
+                                                      len(batch), report)
+        return out
 
     def on_compute_thread(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """`fn` on the compute thread (the one pinned to the slot), with no time limit: the
         caller watches it (see `workers.direct`)."""
         return self._predict_pool.submit(fn)
 
-    async def _on_compute_thread(self, fn: Callable[[], T], size: int) -> T:
+    async def _on_compute_thread(self, fn: Callable[[], T], size: int,
+                                 report: BatchReport) -> tuple[T, float]:
         """`fn` on the compute thread, within the time limit (plus a grace in which a late
-        result is still taken)."""
-        work = self._predict_pool.submit(fn)
-        future = asyncio.wrap_future(work)
+        result is still taken); returns its result and when it began (monotonic).
+
+        The limit starts when `fn` does: the thread may still be running a lone batch that went
+        there directly (`workers.direct`, which holds no permit of `_predict_slots`). That wait
+        counts as waiting for a lane, as a wait for a permit does."""
+        loop = asyncio.get_running_loop()
+        began: asyncio.Future[float] = loop.create_future()
+        queued = time.monotonic()
+
+        def run() -> T:
+            loop.call_soon_threadsafe(_resolve, began, time.monotonic())
+            return fn()
+
+        future = asyncio.wrap_future(self._predict_pool.submit(run))
+        either: list[asyncio.Future[Any]] = [began, future]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        start = began.result() if began.done() else time.monotonic()
+        report.lane_wait_ms += (start - queued) * 1000
         limit_s = self.spec.options.batch_timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(future), limit_s)
+            return await asyncio.wait_for(asyncio.shield(future), limit_s), start
         except TimeoutError:
             pass
         try:
@@ -422,7 +442,7 @@ class ModelRuntime:
             raise BatchTimeout(limit_s) from None
         log.warning("predict finished past its time limit model=%s size=%d limit_s=%s",
                     self.spec.name, size, limit_s)
-        return out
+        return out, start
 
     def outer_limit_s(self) -> float:
         """The most one batch may take in all before its worker counts as stuck: a lane wait
@@ -445,6 +465,11 @@ class ModelRuntime:
         if report.handoff_ms is not None:
             fields["handoff_ms"] = str(report.handoff_ms)
         return fields
+
+
+def _resolve(future: asyncio.Future[float], value: float) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 async def _through_outage(what: str, fields: str, call: Callable[[], Awaitable[T]], *,

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from shared import keys, scripts
 from shared.model import ModelContext
@@ -163,24 +164,54 @@ async def test_a_final_write_whose_reply_is_lost_is_left_to_the_loop_and_written
     assert await direct.hgetall(keys.stats(MODEL)) == {"succeeded": "1"}  # first write wins
 
 
-async def test_a_hanging_lone_batch_is_listed_stuck_only_past_its_limit_and_grace(
+async def _queued(direct: aioredis.Redis, inputs: list[dict[str, Any]]) -> list[str]:
+    """Queued jobs whose entries the worker's consumer holds, as after a dispatch."""
+    for stream in keys.streams(MODEL):
+        with contextlib.suppress(ResponseError):  # the group exists already
+            await direct.xgroup_create(stream, keys.BATCHER_GROUP, id="0", mkstream=True)
+    store = JobStore(direct, result_ttl_s=60, job_ttl_s=60)
+    ids = (await store.submit(MODEL, [NewJob(json.dumps(i)) for i in inputs],
+                              max_queue=10)).ids
+    await direct.xreadgroup(keys.BATCHER_GROUP, CONSUMER, {s: ">" for s in keys.streams(MODEL)})
+    return ids
+
+
+async def test_a_batch_behind_a_lone_one_on_the_compute_thread_waits_for_a_lane_not_its_limit(
+        redis_server: RedisServer, direct: aioredis.Redis, loop: LoopThread) -> None:
+    """The direct path holds the compute thread without a permit of the loop's lanes: a batch
+    the loop starts meanwhile waits for the thread, and that wait must not count against its
+    time limit (it would make the worker exit over a healthy batch)."""
+    [slow] = await _queued(direct, [{"x": 1, "sleep_s": 2.5}])
+    worker = Worker(redis_server.port, loop, timeout_s=0.2)
+    try:
+        running = worker.path.submit(BatchRequest(MODEL, "b-1:batch-1:1", [slow]))
+        await asyncio.sleep(0.2)  # the slow job's stages are running
+        staged = await _queued(direct, [{"x": 2}, {"x": 3}])
+        report = await asyncio.wrap_future(loop.spawn(worker.runtime.run_batch(
+            BatchRequest(MODEL, "b-1:batch-2:2", staged))))
+        assert (await asyncio.wrap_future(running)).done
+    finally:
+        worker.close()
+    assert report.outcome == "ok" and report.ok == 2
+    # Its wait for the thread shows as a lane wait, and its predict span as its own predict.
+    assert report.lane_wait_ms > 1500 and report.predict_ms < 1000
+
+
+async def test_a_hanging_lone_batch_is_listed_stuck_once_past_its_limit_and_grace(
         redis_server: RedisServer, direct: aioredis.Redis, loop: LoopThread) -> None:
     """The watchdog's decision, with the clock given: the worker's heartbeat gives up on what
-    `stuck` lists (tests/workers/test_workers.py runs that end to end)."""
-    for stream in keys.streams(MODEL):
-        await direct.xgroup_create(stream, keys.BATCHER_GROUP, id="0", mkstream=True)
-    store = JobStore(direct, result_ttl_s=60, job_ttl_s=60)
-    [job_id] = (await store.submit(MODEL, [NewJob(json.dumps({"x": 1, "sleep_s": 1.0}))],
-                                   max_queue=10)).ids
-    await direct.xreadgroup(keys.BATCHER_GROUP, CONSUMER, {s: ">" for s in keys.streams(MODEL)})
+    `stuck` lists (tests/workers/test_workers.py runs that end to end). Only the stages count:
+    START and the final write are Redis round trips, and an outage is not a hang."""
+    [job_id] = await _queued(direct, [{"x": 1, "sleep_s": 1.0}])
     worker = Worker(redis_server.port, loop, timeout_s=5)
     try:
         req = BatchRequest(MODEL, "b-1:batch-1:1", [job_id])
-        since = time.monotonic()
-        running = worker.path.submit(req)
         limit_s = 5 + STUCK_GRACE_S
-        assert worker.path.stuck(since + limit_s - 0.5) == []
+        running = worker.path.submit(req)
+        await asyncio.sleep(0.3)  # in its stages now
+        assert worker.path.stuck(time.monotonic() + limit_s - 0.5) == []
         assert worker.path.stuck(time.monotonic() + limit_s + 0.01) == [req]
+        assert worker.path.stuck(time.monotonic() + limit_s + 0.01) == []  # listed once
         assert (await asyncio.wrap_future(running)).done
         assert worker.path.stuck(time.monotonic() + 10 * limit_s) == []  # over: forgotten
     finally:

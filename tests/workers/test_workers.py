@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 from typing import Any
 
@@ -224,7 +225,10 @@ def test_a_lone_job_that_hangs_is_given_up_by_the_heartbeat_and_fails_alone_with
         worker = procs.worker("synthetic")
     [done] = _final(url, [job_id])
     assert done["status"] == "failed" and done["error"]["type"] == "timeout"
-    # Given up once on the direct path, then once more run alone as a suspect.
+    # Given up once on the direct path, then once more run alone as a suspect (the loop's).
     assert exits == [STUCK_EXIT_CODE, STUCK_EXIT_CODE]
+    given_up = re.findall(r"batch stuck past its time limit.* solo=(\w+) path=(\w+)",
+                          (procs.log_dir / "worker-synthetic-1.log").read_text())
+    assert given_up == [("False", "direct"), ("True", "loop")]
     [after] = _final(url, _jobs(url, [{"x": 4}]))
     assert after["status"] == "succeeded"
