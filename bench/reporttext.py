@@ -72,17 +72,17 @@ One client, one job at a time, the stack idle otherwise, the MLP and synthetic o
 of the tables above: legs from the job record's timestamps (`created`, `started`, `finished`,
 whole milliseconds, so each leg is ±1 ms) and the client, p50 (the two repeats):
 
-| leg | synthetic (12 ms model) | MLP (1.6 ms batch of one) |
+| leg | synthetic (12 ms model) | MLP (1.65 ms batch of one) |
 |---|---|---|
 | client to the job written (HTTP in, validation, SUBMIT) | < 0.5 ms | < 0.5 ms |
 | written to started (batcher read, CORK, DISPATCH, Celery hand-off, START) | 2 ms | 2 ms |
 | started to finished (preprocess, predict, postprocess, final write) | 13 ms | 3 ms |
-| final write to the client (PUBLISH, waiter, HTTP out) | 1.7-1.9 ms | 1.7-1.9 ms |
-| end to end | 16.3-16.6 ms | 6.7-7.1 ms |
+| final write to the client (PUBLISH, waiter, HTTP out) | 1.8-2.1 ms | 1.3-1.5 ms |
+| end to end | 16.3-17.1 ms | 5.3-6.1 ms |
 
-The CPU this cost, per job (every process of the stack, the MLP): 7.1 ms in all, of which the two
-workers 3.7 ms, the batcher 1.1-1.2, the gateway 1.0-1.2 and Redis 1.1; BentoML's lone request
-cost 7.9 ms of CPU in the same run (its p50: 3.7 ms).
+The CPU this cost, per job (every process of the stack, the MLP): 5.8-6.5 ms in all, of which
+the two workers 3.2-3.5 ms, the batcher 0.9-1.1, the gateway 0.7-1.0 and Redis 0.9-1.0;
+BentoML's lone request cost 7.1-7.8 ms of CPU in the same run (its p50: 3.5-3.8 ms).
 
 Finer, from sub-millisecond stamps added by hand for one run and taken out again: the MLP, one
 client, `Prefer: wait`, `asyncinfer up` as it comes (Redis with `appendfsync always`), p50 of
