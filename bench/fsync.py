@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.docs import DOCS, RESULTS, emit_json, replace_section
-from bench.drive import write_bodies
+from bench.drive import Runner, write_bodies
 from bench.systems import OursStack
 from shared.procs import free_port, spawn, terminate, wait_port
 from shared.redisserver import RedisServer
@@ -61,27 +61,19 @@ def _one(policy: str, work: Path, duration_s: float, concurrency: int) -> dict[s
         server.stop()
 
 
-def _open_loop(url: str, bodies: Path, rate: float, duration_s: float,
-               out: Path) -> dict[str, Any]:
-    subprocess.run([sys.executable, "-m", "asyncinfer.loadgen", "--url", url, "--model", "mlp",
-                    "--bodies", str(bodies), "--protocol", "jobs", "--rate", str(rate),
-                    "--duration", str(duration_s), "--warmup", "2", "--quiet", "--out",
-                    str(out)], check=True, timeout=duration_s + 120)
-    result: dict[str, Any] = json.loads(out.read_text())
-    return result
-
-
 def _stack(policy: str, work: Path, rates: list[float],
            duration_s: float) -> dict[float, dict[str, Any]]:
     """`asyncinfer up` with this fsync policy: an open-loop run at each rate."""
     bodies, _ = write_bodies(work)
+    runner = Runner(work / f"runs-{policy}-{time.monotonic_ns()}", duration_s, warmup_s=2,
+                    bodies={"job": bodies})
     with OursStack(work / f"stack-{policy}", devices="cpu:2", workers=2,
                    env={"ASYNCINFER_REDIS_APPENDFSYNC": policy}) as stack:
         # The batcher's latency fit and lead times settle under traffic first.
-        _open_loop(stack.url, bodies, max(rates), 4, work / "warm.json")
-        return {rate: _open_loop(stack.url, bodies, rate, duration_s,
-                                 work / f"stack-{policy}-{rate:g}-{time.monotonic_ns()}.json")
-                for rate in rates}
+        runner.run(stack, system=policy, kind="warm", protocol="jobs", rate=max(rates),
+                   duration_s=4, record=False)
+        return {rate: runner.run(stack, system=policy, kind=f"load-{rate:g}", protocol="jobs",
+                                 rate=rate) for rate in rates}
 
 
 def measure(repeats: int, duration_s: float, concurrency: int,

@@ -252,16 +252,10 @@ class JobStore:
         job_keys, args = self.finish_call(outcomes, fence)
         if report is None:
             return finished(await self._finish(keys=job_keys, args=args))
-        # EVALSHA queued by hand: a Script object in a pipeline makes redis-py send SCRIPT
-        # EXISTS first, a second round trip on every lone job's path.
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(report[0], dict(report[1]), maxlen=keys.COMPLETIONS_MAXLEN,  # type: ignore[arg-type]
-                  approximate=True)
-        pipe.evalsha(self._finish.sha, len(job_keys), *job_keys, *args)
-        added, replies = await pipe.execute(raise_on_error=False)
-        if isinstance(added, Exception):
-            raise added
-        if isinstance(replies, NoScriptError):  # a restarted Redis: load it, once
+        queue_report_and_finish(pipe, report, self._finish.sha, job_keys, args)
+        replies = reported_finish(*await pipe.execute(raise_on_error=False))
+        if replies is None:  # a restarted Redis: load the script, once
             replies = await self._finish(keys=job_keys, args=args)
         return finished(replies)
 
@@ -322,6 +316,23 @@ def started(job_ids: Sequence[str], replies: Sequence[Any]) -> list[Started]:
         else:
             out.append(Started(job_id, _s(reply[1]) if len(reply) > 1 else kind))
     return out
+
+
+def queue_report_and_finish(pipe: Any, report: tuple[str, Mapping[str, str]], sha: str,
+                            job_keys: list[str], args: list[Any]) -> None:
+    """Queue the lane report's XADD, then FINISH, on a pipeline of either client. The script
+    goes as a plain EVALSHA: a Script object in a pipeline makes redis-py send SCRIPT EXISTS
+    first, a second round trip on every lone job's path."""
+    pipe.xadd(report[0], dict(report[1]), maxlen=keys.COMPLETIONS_MAXLEN, approximate=True)
+    pipe.evalsha(sha, len(job_keys), *job_keys, *args)
+
+
+def reported_finish(added: Any, replies: Any) -> Any:
+    """FINISH's reply from that pipeline's two; raises the report's error; None when Redis no
+    longer has the script (restarted), which the caller then loads by running it."""
+    if isinstance(added, Exception):
+        raise added
+    return None if isinstance(replies, NoScriptError) else replies
 
 
 def finished(replies: Any) -> list[bool]:

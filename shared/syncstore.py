@@ -11,10 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import redis
-from redis.exceptions import NoScriptError
 
-from shared import keys, scripts
-from shared.store import JobStore, Outcome, Started, finished, started
+from shared import scripts
+from shared.store import (
+    JobStore,
+    Outcome,
+    Started,
+    finished,
+    queue_report_and_finish,
+    reported_finish,
+    started,
+)
 
 
 class BlockingWrites:
@@ -39,13 +46,9 @@ class BlockingWrites:
         """The final write with the lane report XADDed first, one round trip."""
         job_keys, args = self.store.finish_call(outcomes)
         pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(report[0], dict(report[1]), maxlen=keys.COMPLETIONS_MAXLEN,  # type: ignore[arg-type]
-                  approximate=True)
-        pipe.evalsha(self._finish.sha, len(job_keys), *job_keys, *args)
-        added, replies = pipe.execute(raise_on_error=False)
-        if isinstance(added, Exception):
-            raise added
-        if isinstance(replies, NoScriptError):  # a restarted Redis: load it, once
+        queue_report_and_finish(pipe, report, self._finish.sha, job_keys, args)
+        replies = reported_finish(*pipe.execute(raise_on_error=False))
+        if replies is None:  # a restarted Redis: load the script, once
             replies = self._finish(keys=job_keys, args=args)
         return finished(replies)
 

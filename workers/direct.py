@@ -26,9 +26,11 @@ does (a timeout report, then the process exits for its launcher to restart it).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -36,7 +38,7 @@ from redis.exceptions import RedisError
 from shared import keys
 from shared.store import Outcome
 from shared.syncstore import BlockingWrites
-from workers.runtime import STUCK_GRACE_S, BatchReport, BatchRequest, ModelRuntime, _Item
+from workers.runtime import STUCK_GRACE_S, BatchReport, BatchRequest, Item, ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,10 @@ class DirectPath:
     def __init__(self, runtime: ModelRuntime, writes: BlockingWrites) -> None:
         self.runtime = runtime
         self.writes = writes
-        self._lock = threading.Lock()  # Celery's thread adds, the compute thread removes
-        self._running: dict[str, BatchRequest] = {}
-        # batch -> when its stages began (monotonic), while they run: START and the final write
-        # are Redis round trips, and a Redis stall is an outage, not a hang.
-        self._computing: dict[str, float] = {}
+        self._lock = threading.Lock()  # the compute thread writes, the heartbeat's reads
+        # batch -> (it, when its stages began, monotonic) while they run: START and the final
+        # write are Redis round trips, and a Redis stall is an outage, not a hang.
+        self._computing: dict[str, tuple[BatchRequest, float]] = {}
         self._reported: set[str] = set()  # stuck batches already handed to the watchdog
 
     @staticmethod
@@ -70,13 +71,7 @@ class DirectPath:
 
     def submit(self, req: BatchRequest) -> concurrent.futures.Future[DirectResult]:
         """Start the batch on the compute thread; the future ends with how far it got."""
-        with self._lock:
-            self._running[req.batch_id] = req
-        try:
-            running = self.runtime.on_compute_thread(lambda: self._run(req))
-        except BaseException:
-            self._over(req.batch_id)
-            raise
+        running = self.runtime.on_compute_thread(lambda: self._run(req))
         running.add_done_callback(lambda _: self._over(req.batch_id))
         return running
 
@@ -85,30 +80,29 @@ class DirectPath:
         monotonic), each listed once: the caller gives up on them."""
         limit_s = self.runtime.spec.options.batch_timeout_s + STUCK_GRACE_S
         with self._lock:
-            late = [self._running[b] for b, since in self._computing.items()
+            late = [req for b, (req, since) in self._computing.items()
                     if now - since > limit_s and b not in self._reported]
             self._reported.update(req.batch_id for req in late)
         return late
 
-    def _computing_since(self, batch_id: str, since: float | None) -> None:
+    @contextlib.contextmanager
+    def _computing_now(self, req: BatchRequest) -> Iterator[None]:
         with self._lock:
-            if since is None:
-                self._computing.pop(batch_id, None)
-            else:
-                self._computing[batch_id] = since
+            self._computing[req.batch_id] = (req, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._computing.pop(req.batch_id, None)
 
     def _over(self, batch_id: str) -> None:
         with self._lock:
-            self._running.pop(batch_id, None)
-            self._computing.pop(batch_id, None)
             self._reported.discard(batch_id)
 
     def _run(self, req: BatchRequest) -> DirectResult:
         rt = self.runtime
         t0 = time.monotonic()
-        report = BatchReport(req.batch_id, rows=len(req.job_ids))
-        if req.dispatched_ms:
-            report.handoff_ms = round(max(0.0, time.time() * 1000 - req.dispatched_ms), 3)
+        report = BatchReport.of(req)
         try:
             starts = self.writes.start(
                 req.job_ids, rt.ctx.worker_name, rt.ctx.device_label or rt.ctx.device,
@@ -121,14 +115,11 @@ class DirectPath:
         if len(starts) != 1 or starts[0].verdict != "run":
             return DirectResult(done=False)
         st = starts[0]
-        it = _Item(st.job_id, st.attempts, st.created_ms, st.input_json)
+        it = Item(st.job_id, st.attempts, st.created_ms, st.input_json)
         started_ms = time.time() * 1000
         spans: dict[str, tuple[float, float]] = {}
-        self._computing_since(req.batch_id, time.monotonic())
-        try:
+        with self._computing_now(req):
             kind, value = rt.stages(it.value, spans)
-        finally:
-            self._computing_since(req.batch_id, None)
         rt.settle(it, kind, value, spans, report)
         q0 = time.monotonic()
         run_ms = round((q0 - t0) * 1000, 3)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -76,9 +77,17 @@ class BatchReport:
     def add_span(self, name: str, start: float, end: float) -> None:
         self.spans.setdefault(name, []).append([start, end])
 
+    @classmethod
+    def of(cls, req: BatchRequest) -> BatchReport:
+        """The report of a batch being started now (its hand-off measured up to here)."""
+        report = cls(req.batch_id, rows=len(req.job_ids))
+        if req.dispatched_ms:
+            report.handoff_ms = round(max(0.0, time.time() * 1000 - req.dispatched_ms), 3)
+        return report
+
 
 @dataclass
-class _Item:
+class Item:
     job_id: str
     attempts: int
     created_ms: int
@@ -134,13 +143,11 @@ class ModelRuntime:
         A batch of one job runs preprocess, predict and postprocess in one hop to the compute
         thread, and its lane report goes out in the same round trip as its final write."""
         t0 = time.monotonic()
-        report = BatchReport(req.batch_id, rows=len(req.job_ids))
+        report = BatchReport.of(req)
         if req.trace is not None:
             req.trace.started(req.model, req.batch_id, self.ctx.worker_name)
-        if req.dispatched_ms:
-            report.handoff_ms = round(max(0.0, time.time() * 1000 - req.dispatched_ms), 3)
         outcomes: list[Outcome] = []
-        items: list[_Item] = []
+        items: list[Item] = []
         whole = False  # the lone job's stages all ran: report with the final write
         try:
             # Retried, not given up: a START whose reply a dying connection lost may have run,
@@ -200,7 +207,7 @@ class ModelRuntime:
             req.trace.finished(report.spans, t0, {it.job_id: it.error for it in items})
         return report
 
-    def outcomes_of(self, items: list[_Item], started_ms: float, run_ms: float,
+    def outcomes_of(self, items: list[Item], started_ms: float, run_ms: float,
                     report: BatchReport) -> list[Outcome]:
         """The final states of the batch's items, counted into `report`."""
         outcomes = []
@@ -218,7 +225,7 @@ class ModelRuntime:
                 report.failed += 1
         return outcomes
 
-    def finished(self, items: list[_Item], run_ms: float, tail_from: float) -> None:
+    def finished(self, items: list[Item], run_ms: float, tail_from: float) -> None:
         """After the final write: the latency histograms and the smoothed tail (postprocess
         and final write, from `tail_from`) reported with the next batch."""
         done_ms = time.time() * 1000
@@ -228,7 +235,7 @@ class ModelRuntime:
         tail_ms = (time.monotonic() - tail_from) * 1000
         self.tail_ms = tail_ms if not self.tail_ms else self.tail_ms + (tail_ms - self.tail_ms) / 8
 
-    async def _run_alone(self, it: _Item, report: BatchReport) -> None:
+    async def _run_alone(self, it: Item, report: BatchReport) -> None:
         """One job: parse, preprocess, predict and postprocess in one hop to the compute thread
         (a one-item batch has nothing to overlap, and each hop costs more than small stages)."""
         spans: dict[str, tuple[float, float]] = {}
@@ -244,32 +251,26 @@ class ModelRuntime:
         """One item's parse, preprocess, predict and postprocess in the calling thread: (None,
         output JSON), or (the failed stage's error kind, its exception). Times each stage into
         `spans`."""
-        t0 = time.monotonic()
         try:
-            value = self._parse_and_preprocess(raw)
+            with _timed(spans, "preprocess"):
+                value = self._parse_and_preprocess(raw)
         except BaseException as exc:
             return "preprocess_error", exc
-        finally:
-            spans["preprocess"] = (t0, time.monotonic())
-        p0 = time.monotonic()
         try:
-            out = self.model.predict([value])
+            with _timed(spans, "predict"):
+                out = self.model.predict([value])
             if len(out) != 1:
                 raise ValueError(f"predict returned {len(out)} results for 1 item")
         except Exception as exc:
             return "predict_error", exc
-        finally:
-            spans["predict"] = (p0, time.monotonic())
-        q0 = time.monotonic()
         try:
-            return None, self._postprocess(out[0])
+            with _timed(spans, "postprocess"):
+                return None, self._postprocess(out[0])
         except BaseException as exc:
             return "postprocess_error", exc
-        finally:
-            spans["postprocess"] = (q0, time.monotonic())
 
     @staticmethod
-    def settle(it: _Item, kind: str | None, value: Any,
+    def settle(it: Item, kind: str | None, value: Any,
                spans: dict[str, tuple[float, float]], report: BatchReport) -> None:
         """Put `stages`' result into the item and its timings into the report."""
         for name, (start, end) in spans.items():
@@ -282,10 +283,10 @@ class ModelRuntime:
             invalid = kind == "preprocess_error" and isinstance(value, ValidationError)
             it.error = _item_error("invalid_input" if invalid else kind, value)
 
-    def _sort(self, st: Started, items: list[_Item], outcomes: list[Outcome],
+    def _sort(self, st: Started, items: list[Item], outcomes: list[Outcome],
               report: BatchReport, poison: list[Started]) -> None:
         if st.verdict == "run":
-            items.append(_Item(st.job_id, st.attempts, st.created_ms, st.input_json))
+            items.append(Item(st.job_id, st.attempts, st.created_ms, st.input_json))
         elif st.verdict == "poison":
             poison.append(st)
             outcomes.append(Outcome(st.job_id, "failed", error={
@@ -332,7 +333,7 @@ class ModelRuntime:
         await _through_outage("final write", f"jobs={len(outcomes)}",
                               lambda: self.store.finish(outcomes, report=extra))
 
-    async def _each(self, items: list[_Item], fn: Any, error_kind: str) -> None:
+    async def _each(self, items: list[Item], fn: Any, error_kind: str) -> None:
         """Apply a per-item step concurrently; an exception fails that item only.
 
         Up to ITEM_LANES pool threads take the items in turn, so a slow item does not hold up
@@ -376,14 +377,15 @@ class ModelRuntime:
         try:
             w0 = time.monotonic()
             async with self._predict_slots:
-                began = [time.monotonic()]
-                report.lane_wait_ms += (began[0] - w0) * 1000
+                began = time.monotonic()
+                report.lane_wait_ms += (began - w0) * 1000
                 try:
-                    out = await self._call_predict(batch, report, began)
+                    out, began = await self._on_compute_thread(
+                        lambda: self.model.predict(batch), len(batch), report)
                 finally:
                     p1 = time.monotonic()
-                    report.add_span("predict", began[0], p1)
-                    report.predict_ms += (p1 - began[0]) * 1000
+                    report.add_span("predict", began, p1)
+                    report.predict_ms += (p1 - began) * 1000
             if len(out) != len(batch):
                 raise ValueError(f"predict returned {len(out)} results for {len(batch)} items")
             return list(out)
@@ -397,12 +399,6 @@ class ModelRuntime:
                      len(batch), type(exc).__name__)
             return (await self._predict(batch[:mid], report)
                     + await self._predict(batch[mid:], report))
-
-    async def _call_predict(self, batch: list[Any], report: BatchReport,
-                            began: list[float]) -> Any:
-        out, began[0] = await self._on_compute_thread(lambda: self.model.predict(batch),
-                                                      len(batch), report)
-        return out
 
     def on_compute_thread(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """`fn` on the compute thread (the one pinned to the slot), with no time limit: the
@@ -425,7 +421,7 @@ class ModelRuntime:
             loop.call_soon_threadsafe(_resolve, began, time.monotonic())
             return fn()
 
-        future = asyncio.wrap_future(self._predict_pool.submit(run))
+        future = asyncio.wrap_future(self.on_compute_thread(run))
         either: list[asyncio.Future[Any]] = [began, future]
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         start = began.result() if began.done() else time.monotonic()
@@ -465,6 +461,16 @@ class ModelRuntime:
         if report.handoff_ms is not None:
             fields["handoff_ms"] = str(report.handoff_ms)
         return fields
+
+
+@contextlib.contextmanager
+def _timed(spans: dict[str, tuple[float, float]], name: str) -> Iterator[None]:
+    """Put the (start, end) of the block into `spans[name]`, however it ends."""
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        spans[name] = (start, time.monotonic())
 
 
 def _resolve(future: asyncio.Future[float], value: float) -> None:
