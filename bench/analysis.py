@@ -12,6 +12,20 @@ MLP_SLO_MS = 250.0
 ONE_CLIENT_BUDGET_MS = 3.0  # a lone job may cost its model's batch-of-one time plus this
 
 
+def worker_predict(reports: list[dict[str, str]]) -> dict[str, Any] | None:
+    """What the workers reported of a run's batches (their completions stream): how long the
+    model's `predict` took inside the running stack, p50 over the batches that ran to their
+    end, and the mean batch those were."""
+    # As the batcher reads them: a batch that ran to its end, with a predict time.
+    done = [r for r in reports if r.get("outcome", "ok") == "ok"
+            and float(r.get("predict_ms", 0)) > 0]
+    if not done:
+        return None
+    return {"batches": len(done),
+            "p50": statistics.median(float(r["predict_ms"]) for r in done),
+            "mean_rows": statistics.fmean(int(r.get("rows", 1)) for r in done)}
+
+
 def med(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -53,6 +67,8 @@ def agg(points: list[dict[str, Any]] | None) -> dict[str, Any] | None:
         "client_cores": med([p.get("client_cpu_fraction") for p in points]),
         "statuses": statuses,
         "breakdown": _breakdown([p.get("breakdown_ms") for p in points]),
+        # The workers' own predict time (p50), where the system reports it (asyncinfer).
+        "predict_ms": med([(p.get("worker_predict_ms") or {}).get("p50") for p in points]),
         "files": [p.get("file") for p in points],
     }
 
@@ -155,8 +171,11 @@ def targets(res: dict[str, Any]) -> list[Target]:
         x = m["one"].get(f"{OURS}/{proto}")
         if x and b1 is not None:
             ok, why = within(x["p50"], b1 + ONE_CLIENT_BUDGET_MS)
+            inside = ("" if x.get("predict_ms") is None else
+                      f" (predict in the worker: {_f(x['predict_ms'], 2)} ms)")
             out.append(Target(f"MLP, one client ({proto}): p50 ≤ batch of one + 3 ms",
-                              f"{_f(x['p50'])} ms vs {_f(b1, 2)} + 3 ms", "≤ +3 ms", ok, why))
+                              f"{_f(x['p50'])} ms vs {_f(b1, 2)} + 3 ms{inside}", "≤ +3 ms",
+                              ok, why))
     if s:
         for proto, x in s["one_agg"].items():
             ok, why = within(x and x["p50"], s["batch1_ms"] + ONE_CLIENT_BUDGET_MS)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.analysis import worker_predict
 from bench.docs import REPO
 from bench.systems import BentoServer, GatewayOnly, OursStack, Server, cpu_delta, tree_cpu
 
@@ -49,7 +50,7 @@ POINT_KEYS = ("system", "kind", "model", "protocol", "offered_per_s", "throughpu
               "server_cpu_s", "server_cpu_total_s", "server_cpu_ms_per_job",
               "client_cpu_fraction", "breakdown_ms", "error_samples", "window_s", "wall_s",
               "client_retries", "server_cpu_us_per_request", "requests", "issue_lag_ms",
-              "client_cpu_s", "succeeded_total", "jobs_total", "file")
+              "client_cpu_s", "succeeded_total", "jobs_total", "worker_predict_ms", "file")
 
 
 def point(r: dict[str, Any]) -> dict[str, Any]:
@@ -99,12 +100,18 @@ class Runner:
         batch0 = server.batch_stats() if isinstance(server, BentoServer) else None
         cpu0 = tree_cpu(server.roots())
         started = time.monotonic()
+        # The workers' reports of about the generator's measured window (its warm-up left
+        # out; the generator's process starts a little after this).
+        since_ms = int((time.time() + warmup) * 1000)
         subprocess.run(cmd, check=True, cwd=REPO)
         wall = time.monotonic() - started
         cpu = cpu_delta(cpu0, tree_cpu(server.roots()))
         r: dict[str, Any] = json.loads(out.read_text())
         r.update(system=system, kind=kind, model=model, protocol=protocol, wall_s=wall,
                  server_cpu_s=cpu, server_cpu_total_s=sum(cpu.values()), file=out.name)
+        if isinstance(server, OursStack):
+            r["worker_predict_ms"] = _worker_predict(server, model, since_ms,
+                                                     since_ms + int(1000 * (duration - warmup)))
         if batch0 is not None and isinstance(server, BentoServer):
             total, count = server.batch_stats()
             d_count = count - batch0[1]
@@ -122,6 +129,19 @@ class Runner:
             f"statuses {r['status_counts']}")
         out.write_text(json.dumps(r, indent=1))
         return point(r)
+
+
+def _worker_predict(server: OursStack, model: str, since_ms: int,
+                    until_ms: int) -> dict[str, Any] | None:
+    """The workers' own predict times for a run; None (and a line) when they cannot be read:
+    a figure beside the run's, never a reason to lose the run."""
+    import redis
+
+    try:
+        return worker_predict(server.worker_reports(model, since_ms, until_ms))
+    except (redis.RedisError, OSError, RuntimeError) as exc:
+        log(f"warning: the workers' reports of this run could not be read: {exc}")
+        return None
 
 
 def _ms(v: float | None) -> str:

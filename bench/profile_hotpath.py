@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -41,11 +40,9 @@ from bench.systems import MODEL, GatewayOnly, OursStack, Server, cpu_delta, tree
 def redis_url_of(server: Server) -> str:
     if isinstance(server, GatewayOnly) and server.redis is not None:
         return server.redis.url
-    text = server.log.read_text(errors="replace")
-    found = re.findall(r"redis\s+(redis://\S+)", text)
-    if not found:
-        raise RuntimeError(f"no Redis URL in {server.log}")
-    return str(found[-1])
+    if isinstance(server, OursStack):
+        return server.redis_url
+    raise RuntimeError(f"{server.name} has no Redis of its own")
 
 
 def commandstats(url: str) -> Counter[str]:

@@ -68,21 +68,39 @@ docs/bench-data/<device>/ (`--no-publish` keeps the published set). The generato
 
 LONE_JOB = """## Where a lone job's time goes
 
-One client, one job at a time, the stack idle otherwise, the MLP and synthetic one-client runs
-of the tables above: legs from the job record's timestamps (`created`, `started`, `finished`,
-whole milliseconds, so each leg is ±1 ms) and the client, p50 (the two repeats):
+One client, one job at a time, the stack idle otherwise: legs from the job record's timestamps
+(`created`, `started`, `finished`, whole milliseconds, so each leg is ±1 ms) and the client, p50
+(the two repeats), in two full runs of the same code on this machine: 2026-11-28 19:57 (commit
+915f392) and 21:10, the run of the tables above. The machine was slower in the second: the MLP
+alone took 2.08 ms for a batch of one against 1.65 ms, and 2,934 rows/s at batch 64 against
+4,858.
 
-| leg | synthetic (12 ms model) | MLP (1.65 ms batch of one) |
-|---|---|---|
-| client to the job written (HTTP in, validation, SUBMIT) | < 0.5 ms | < 0.5 ms |
-| written to started (batcher read, CORK, DISPATCH, Celery hand-off, START) | 2 ms | 2 ms |
-| started to finished (preprocess, predict, postprocess, final write) | 13 ms | 3 ms |
-| final write to the client (PUBLISH, waiter, HTTP out) | 1.8-2.1 ms | 1.3-1.5 ms |
-| end to end | 16.3-17.1 ms | 5.3-6.1 ms |
+| leg (ms) | synthetic (12 ms model), 19:57 | synthetic, 21:10 | MLP, 19:57 | MLP, 21:10 |
+|---|---|---|---|---|
+| client to the job written (HTTP in, validation, SUBMIT) | < 0.5 | < 0.5 | < 0.5 | < 0.5 |
+| written to started (batcher, CORK, DISPATCH, Celery, START) | 2 | 3-4 | 2 | 3-4 |
+| started to finished (the stages, the final write) | 13 | 13-14 | 3 | 4 |
+| final write to the client (PUBLISH, waiter, HTTP out) | 1.8-2.1 | 2.8-3.0 | 1.3-1.5 | 2.6-3.0 |
+| the workers' own `predict` (their reports, from 21:10) | | 12.13-12.16 | | 2.99-3.20 |
+| end to end | 16.3-17.1 | 19.6-21.0 | 5.3-6.1 | 10.2-11.8 |
 
-The CPU this cost, per job (every process of the stack, the MLP): 5.8-6.5 ms in all, of which
-the two workers 3.2-3.5 ms, the batcher 0.9-1.1, the gateway 0.7-1.0 and Redis 0.9-1.0;
-BentoML's lone request cost 7.1-7.8 ms of CPU in the same run (its p50: 3.5-3.8 ms).
+The CPU this cost, per job (every process of the stack, the MLP): 5.8-6.5 ms in all at 19:57,
+of which the two workers 3.2-3.5 ms, the batcher 0.9-1.1, the gateway 0.7-1.0 and Redis 0.9-1.0;
+BentoML's lone request cost 7.1-7.8 ms of CPU in the same run (its p50: 3.5-3.8 ms). At 21:10,
+10.6-12.2 ms in all (workers 5.2-5.7, batcher 2.2-2.5, gateway 1.6-2.3, Redis 1.5-1.7) against
+BentoML's 9.4-11.8 ms (its p50: 4.5-5.7 ms). On the slower machine the stack's own legs grew by
+more than the model did: every one of its four processes paid for the slower CPU, BentoML's one
+process once.
+
+The MLP's `predict` inside the stack took 3.0-3.2 ms (p50 of 661-764 batches of one per run)
+where the model alone, in a hot loop, took 2.25 ms through `predict` in the same run. Probed by
+hand in this session: a forward pass that follows an idle gap is slower than one that follows
+another (on this machine 2.0 ms back to back, 2.3-2.6 ms after 5-20 ms asleep); running two
+copies of the weights in turn instead of one made no difference (so lane choice cannot keep a
+worker's weights in cache), and neither did huge pages for the weights
+(`THP_MEM_ALLOC_ENABLE=1`). The target of a batch of one plus 3 ms counts the model at its
+hot-loop time; inside any server that waits for its next request, part of that 3 ms goes to
+the model.
 
 Finer, from sub-millisecond stamps added by hand for one run and taken out again: the MLP, one
 client, `Prefer: wait`, `asyncinfer up` as it comes (Redis with `appendfsync always`), p50 of

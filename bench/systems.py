@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -28,6 +29,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from bench.docs import REPO
+from shared import keys
 from shared.procs import die_with_parent, free_port, terminate, wait_port
 from shared.redisserver import RedisServer
 
@@ -246,6 +248,31 @@ class OursStack(Server):
             time.sleep(0.5)
         raise RuntimeError(f"{workers} {model} worker(s) not ready in {timeout_s:.0f} s; "
                            f"see {self.work_dir / 'state' / 'logs'}")
+
+    @property
+    def redis_url(self) -> str:
+        """The private Redis that `up` started: its log names it."""
+        found = re.findall(r"redis\s+(redis://\S+)", self.log.read_text(errors="replace"))
+        if not found:
+            raise RuntimeError(f"no Redis URL in {self.log}")
+        return str(found[-1])
+
+    def worker_reports(self, model: str, since_ms: int, until_ms: int) -> list[dict[str, str]]:
+        """The workers' batch reports (the model's completions stream: rows, predict_ms, ...)
+        written between `since_ms` and `until_ms` (wall clock, the stream's id unit). The
+        stream keeps its last COMPLETIONS_MAXLEN reports at least; more in the window than
+        that raises, rather than summing up part of it."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=10)
+        try:
+            entries = client.xrange(keys.completions(model), min=f"{since_ms}-0",
+                                    max=f"{until_ms}-0") or []
+        finally:
+            client.close()
+        if len(entries) >= keys.COMPLETIONS_MAXLEN:
+            raise RuntimeError(f"{len(entries)} reports in the window: the stream was trimmed")
+        return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries if fields]
 
     def wait_idle(self, timeout_s: float, model: str = MODEL) -> bool:
         """Until no job is queued or running (a run's stragglers must not leak into the next)."""

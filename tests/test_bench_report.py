@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.analysis import Target, targets
+from bench.analysis import Target, targets, worker_predict
 from bench.docs import REPO
 from bench.report import write_report
 
@@ -85,6 +85,30 @@ def test_each_target_has_a_verdict_and_says_by_how_much_it_is_missed() -> None:
         "**off by 60%**"
     p50 = [x for w, x in t.items() if "50% of saturation" in w and "p50 ≤ BentoML" in w]
     assert p50 and p50[0].ok is True
+
+
+def test_the_workers_reported_predict_time_is_set_beside_a_lone_jobs_latency(
+        tmp_path: Path) -> None:
+    reports = [{"rows": "1", "outcome": "ok", "predict_ms": "2.400"},
+               {"rows": "1", "outcome": "ok", "predict_ms": "2.600"},
+               {"rows": "1", "outcome": "ok", "predict_ms": "9.000"},
+               {"rows": "5", "outcome": "ok", "predict_ms": "4.000"},
+               {"rows": "1", "outcome": "failed", "predict_ms": "0.100"}]
+    got = worker_predict(reports)
+    assert got == {"batches": 4, "p50": 3.3, "mean_rows": 2.0}
+    assert worker_predict([{"rows": "1", "outcome": "timeout", "predict_ms": "1"}]) is None
+    res = summary()
+    res["mlp"]["one_client"]["asyncinfer/jobs"][0]["worker_predict_ms"] = got
+    res["synthetic"]["one_client"]["jobs"][0]["worker_predict_ms"] = {"p50": 12.4}
+    t = by_what(targets(res))
+    assert t["MLP, one client (jobs): p50 ≤ batch of one + 3 ms"].measured == \
+        "4.0 ms vs 2.00 + 3 ms (predict in the worker: 3.30 ms)"
+    write_report(tmp_path, {"cpu": res})
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "| 3.30 | 0.70 |" in page  # p50 4.0 less the workers' 3.3
+    assert "| 1.0 | 12.40 |" in page  # the synthetic table: to client, then predict
+    # The shed table: the gateway's legs and cores (1.0 CPU-s over a 10 s run).
+    assert "| 4.0 | 1.0 | 1.0 | 0.10 |" in page
 
 
 def test_without_bentoml_the_peer_targets_are_left_out() -> None:
