@@ -84,9 +84,8 @@ def measure(repeats: int, duration_s: float, concurrency: int,
         for _ in range(repeats):
             for policy in POLICIES:
                 runs[policy].append(_one(policy, Path(tmp), duration_s, concurrency))
-            for policy in POLICIES:
-                if rates:
-                    stack_runs[policy].append(_stack(policy, Path(tmp), rates, duration_s))
+            for policy in POLICIES if rates else ():
+                stack_runs[policy].append(_stack(policy, Path(tmp), rates, duration_s))
     summary = {}
     for policy, results in runs.items():
         summary[policy] = {

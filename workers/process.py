@@ -179,8 +179,7 @@ class Worker:
         if done.cancelled() or done.exception() is not None:
             # Like the loop's path: the lane is free, the entries go back once unrefreshed.
             self.runtime.lane_free(req.batch_id)
-            self.loop.spawn(self.runtime.send_report(
-                BatchReport(req.batch_id, rows=len(req.job_ids), outcome="error")))
+            self.loop.spawn(self.runtime.send_report(BatchReport.ended(req, "error")))
             self._batch_over(req.batch_id, done)
             return
         result = done.result()
@@ -268,8 +267,7 @@ class Worker:
     async def _direct_stuck(self, req: BatchRequest) -> None:
         """A direct batch's predict hangs past its limit and grace: report the timeout, as the
         loop's path does, and give up."""
-        await self.runtime.send_report(BatchReport(req.batch_id, rows=len(req.job_ids),
-                                                   outcome="timeout"))
+        await self.runtime.send_report(BatchReport.ended(req, "timeout"))
         await self._give_up(req, self.spec.options.batch_timeout_s, "direct")
 
     async def _give_up(self, req: BatchRequest, limit_s: float, path: str) -> None:

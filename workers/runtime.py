@@ -78,6 +78,11 @@ class BatchReport:
         self.spans.setdefault(name, []).append([start, end])
 
     @classmethod
+    def ended(cls, req: BatchRequest, outcome: Outcome_) -> BatchReport:
+        """The report of a batch that ended short of its final write (error, timeout)."""
+        return cls(req.batch_id, rows=len(req.job_ids), outcome=outcome)
+
+    @classmethod
     def of(cls, req: BatchRequest) -> BatchReport:
         """The report of a batch being started now (its hand-off measured up to here)."""
         report = cls(req.batch_id, rows=len(req.job_ids))
